@@ -1,0 +1,1 @@
+"""Coordinate checks and width-transfer validation for schedule-free optimizers."""

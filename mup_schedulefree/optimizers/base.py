@@ -1,0 +1,348 @@
+"""Shared shell of the schedule-free optimizers: mode, lazy state, schedules, serialization.
+
+What every optimizer in this package guarantees, and where the published package differs:
+
+* ``step()`` reads ``p.grad`` and never writes it.
+* State (z and the rule's moments) is created for a parameter on the first step that sees its
+  gradient. A step skips parameters without a gradient, and train()/eval() move only parameters
+  that have state, so a parameter that never got a gradient keeps exactly what was written to it.
+* The train/eval mode belongs to the optimizer: a new optimizer is ready to train, the mode is
+  stored in every group (so ``state_dict``/``load_state_dict`` carry it), a group added later
+  joins the current mode, and ``step()`` outside train mode raises.
+* Low-precision (float16/bfloat16) parameters keep a float32 master copy of the point they hold
+  and float32 state by default (``master_weights=True``), so small updates are not rounded away;
+  ``load_state_dict`` keeps each state tensor in the dtype it was saved with.
+"""
+from __future__ import annotations
+
+from itertools import chain
+from typing import Any, Callable, Iterable
+
+import torch
+from torch.optim import Optimizer
+
+from .. import kernels
+from ..schedule import averaging_weight
+
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+MASTER = "param_fp32"
+
+
+def check_range(name: str, value: Any, low: float, high: float | None = None, *,
+                low_open: bool = False, high_open: bool = True) -> None:
+    """Raise ValueError naming ``name`` unless ``value`` lies in the stated interval.
+
+    Args:
+        name: argument name shown in the message.
+        value: the value supplied by the user.
+        low: lower bound.
+        high: upper bound, or None for unbounded.
+        low_open: exclude ``low`` itself.
+        high_open: exclude ``high`` itself.
+    """
+    number = float(value)
+    too_low = number <= low if low_open else number < low
+    too_high = high is not None and (number >= high if high_open else number > high)
+    if too_low or too_high or number != number:
+        lo = "(" if low_open else "["
+        hi = ")" if high_open else "]"
+        bound = f"{lo}{low}, {high if high is not None else 'inf'}{hi}"
+        raise ValueError(f"Invalid {name}: {value!r} (must lie in {bound})")
+
+
+def check_betas(betas: Any, *, beta1_name: str = "betas[0]") -> None:
+    """Validate an Adam (beta1, beta2) pair: 0 < beta1 < 1 and 0 <= beta2 < 1.
+
+    beta1 must be positive because the evaluation point x is recovered from y and z by dividing
+    by beta1.
+
+    Args:
+        betas: the pair supplied by the user.
+        beta1_name: name used for the first coefficient in messages.
+    """
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"Invalid betas: {betas!r} (must be a pair (beta1, beta2))")
+    check_range(beta1_name, betas[0], 0.0, 1.0, low_open=True)
+    check_range("betas[1]", betas[1], 0.0, 1.0)
+
+
+def check_common(group: dict[str, Any]) -> None:
+    """Validate the hyperparameters every schedule-free group has.
+
+    Args:
+        group: a parameter group with defaults filled in.
+    """
+    check_range("lr", group["lr"], 0.0)
+    check_range("weight_decay", group["weight_decay"], 0.0)
+    check_range("r", group["r"], 0.0)
+    check_range("weight_lr_power", group["weight_lr_power"], 0.0)
+    if "eps" in group:
+        check_range("eps", group["eps"], 0.0)
+    if "warmup_steps" in group:
+        warmup = group["warmup_steps"]
+        if isinstance(warmup, bool) or not isinstance(warmup, int):
+            raise ValueError(f"Invalid warmup_steps: {warmup!r} (must be a non-negative int)")
+        check_range("warmup_steps", warmup, 0.0)
+
+
+def lr_ratio(group: dict[str, Any], prefix: str = "") -> float:
+    """Current lr of ``group`` relative to its reference lr (the first non-zero lr it stepped with).
+
+    Exactly 1.0 while the lr is unchanged, so the averaging weight of groups that differ only by
+    a constant lr factor is bit-identical. 0.0 while the group has only seen lr = 0.
+
+    Args:
+        group: a parameter group; its ``lr_ref`` entry is set on first use.
+        prefix: prefix of the ``lr_ref`` key.
+    """
+    lr = float(group["lr"])
+    if group.get(prefix + "lr_ref") is None:
+        if lr == 0.0:
+            return 0.0
+        group[prefix + "lr_ref"] = lr
+    ref = group[prefix + "lr_ref"]
+    return 1.0 if lr == ref else lr / ref
+
+
+def advance_schedule(group: dict[str, Any], multiplier: float, *, r_key: str = "r",
+                     power_key: str = "weight_lr_power", prefix: str = "") -> tuple[float, float]:
+    """Advance a group's step count and averaging weight by one step.
+
+    Args:
+        group: the parameter group (its bookkeeping entries are updated in place).
+        multiplier: schedule factor on the group lr for this step (warmup, rectification).
+        r_key: group key of the polynomial weighting power.
+        power_key: group key of the lr power in the averaging weight.
+        prefix: prefix of the bookkeeping keys (the wrapper shares groups with its base).
+
+    Returns:
+        The scheduled learning rate and ckp1 of this step.
+    """
+    k = group[prefix + "k"]
+    lr = float(group["lr"]) * multiplier
+    group[prefix + "scheduled_lr"] = lr
+    group[prefix + "lr_max"] = max(lr, group[prefix + "lr_max"])
+    avg = averaging_weight(k, multiplier * lr_ratio(group, prefix), group[prefix + "relative_lr_max"],
+                           group[prefix + "weight_sum"], group[r_key], group[power_key])
+    group[prefix + "relative_lr_max"] = avg.lr_max
+    group[prefix + "weight_sum"] = avg.weight_sum
+    group[prefix + "k"] = k + 1
+    return lr, avg.ckp1
+
+
+SCHEDULE_DEFAULTS = dict(k=0, lr_max=-1.0, relative_lr_max=-1.0, weight_sum=0.0, scheduled_lr=0.0, lr_ref=None)
+
+
+class ScheduleFreeCore(Optimizer):
+    """State, schedules and serialization shared by every schedule-free form.
+
+    An update rule is a mixin that defines:
+        ``_beta(group)``: the interpolation coefficient between z and x.
+        ``_moment_keys``: names of zero-initialised state tensors besides z.
+        ``_validate(group)``: hyperparameter checks (raise ValueError naming the argument).
+        ``_advance(group)``: advance the group's schedule by one step (called once per group and
+            step, with or without gradients) and return the kernel's scalar arguments.
+        ``_kernel(lists, scalars, **flags)``: apply the update to parallel lists
+            [points, grads, z, *moments] of one device and dtype.
+    A form (:class:`PrimalForm`, :class:`ClosureForm`) defines where the parameter sits and how
+    ``step`` is driven.
+    """
+
+    _moment_keys: tuple[str, ...] = ()
+
+    def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
+        super().__init__(params, {**SCHEDULE_DEFAULTS, **defaults})
+
+    def _beta(self, group: dict[str, Any]) -> float:
+        raise NotImplementedError
+
+    def _validate(self, group: dict[str, Any]) -> None:
+        check_common(group)
+
+    def _advance(self, group: dict[str, Any]) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _kernel(self, lists: list[list[torch.Tensor]], scalars: dict[str, Any], *, fused: bool,
+                foreach: bool, closure_form: bool) -> None:
+        raise NotImplementedError
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a parameter group; its hyperparameters are validated before anything changes.
+
+        Args:
+            param_group: dict with ``params`` and optional per-group hyperparameters.
+        """
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        self._validate({**self.defaults, **param_group})
+        super().add_param_group(param_group)
+
+    def _point(self, p: torch.Tensor) -> torch.Tensor:
+        """The tensor the math updates for ``p``: its float32 master copy if it has one, else ``p``."""
+        return self.state[p].get(MASTER, p)
+
+    def _init_state(self, group: dict[str, Any], p: torch.Tensor) -> None:
+        state = self.state[p]
+        if "z" in state:
+            return
+        state_dtype = p.dtype
+        if group.get("master_weights", True) and p.dtype in LOW_PRECISION:
+            state_dtype = torch.float32
+            state[MASTER] = p.detach().to(torch.float32, copy=True)
+        state["z"] = p.detach().to(state_dtype, copy=True)
+        for key in self._moment_keys:
+            state[key] = torch.zeros_like(p, dtype=state_dtype, memory_format=torch.preserve_format)
+
+    def _lists(self, params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        points, grads, zs = [], [], []
+        moments: list[list[torch.Tensor]] = [[] for _ in self._moment_keys]
+        for p in params:
+            state = self.state[p]
+            point = self._point(p)
+            points.append(point)
+            grad = p.grad
+            grads.append(grad if grad.dtype == point.dtype else grad.to(point.dtype))
+            zs.append(state["z"])
+            for column, key in zip(moments, self._moment_keys):
+                column.append(state[key])
+        return [points, grads, zs, *moments]
+
+    def _write_back(self, params: Iterable[torch.Tensor]) -> None:
+        for p in params:
+            master = self.state[p].get(MASTER)
+            if master is not None:
+                p.copy_(master)
+
+    def _flags(self, group: dict[str, Any], device: torch.device) -> tuple[bool, bool]:
+        """(fused, foreach) for tensors on ``device``: by default native on CPU, foreach elsewhere."""
+        fused = group.get("fused")
+        foreach = group.get("foreach")
+        use_fused = device.type == "cpu" if fused is None else bool(fused)
+        use_foreach = device.type != "cpu" if foreach is None else bool(foreach)
+        return use_fused, use_foreach
+
+    def _move_points(self, group: dict[str, Any], params: list[torch.Tensor], weight: float) -> None:
+        """Interpolate the points of ``params`` toward their z by ``weight``."""
+        if not params:
+            return
+        lists = [[self._point(p) for p in params], [self.state[p]["z"] for p in params]]
+        for points, zs in kernels.group_by_device_and_dtype(lists):
+            fused, foreach = self._flags(group, points[0].device)
+            kernels.lerp_(points, zs, weight, foreach=foreach, fused=fused)
+        self._write_back(params)
+
+    def _step_group(self, group: dict[str, Any], params: list[torch.Tensor], closure_form: bool) -> None:
+        """Advance the group's schedule once, then update the parameters that have gradients."""
+        scalars = self._advance(group)
+        for p in params:
+            self._init_state(group, p)
+        for lists in kernels.group_by_device_and_dtype(self._lists(params)):
+            fused, foreach = self._flags(group, lists[0][0].device)
+            self._kernel(lists, scalars, fused=fused, foreach=foreach, closure_form=closure_form)
+        self._write_back(params)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load state as ``torch.optim.Optimizer`` does, keeping each state tensor's saved dtype.
+
+        Args:
+            state_dict: a dict returned by :meth:`state_dict`.
+        """
+        super().load_state_dict(state_dict)
+        saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
+        params = chain.from_iterable(g["params"] for g in self.param_groups)
+        for saved_id, p in zip(saved_ids, params):
+            for key, value in state_dict["state"].get(saved_id, {}).items():
+                if isinstance(value, torch.Tensor) and value.dtype != self.state[p][key].dtype:
+                    self.state[p][key] = value.to(device=p.device, dtype=value.dtype, copy=True)
+
+
+class PrimalForm(ScheduleFreeCore):
+    """Parameters hold y while training and x in eval mode; ``train()``/``eval()`` switch."""
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group; it is validated first and joins the optimizer's current mode.
+
+        Args:
+            param_group: dict with ``params`` and optional per-group hyperparameters.
+        """
+        mode = self.param_groups[0]["train_mode"] if self.param_groups else True
+        super().add_param_group({**param_group, "train_mode": mode})
+
+    @property
+    def train_mode(self) -> bool:
+        """True when parameters hold the training point y, False when they hold x."""
+        return all(group["train_mode"] for group in self.param_groups)
+
+    def _switch(self, to_train: bool) -> None:
+        for group in self.param_groups:
+            if group["train_mode"] == to_train:
+                continue
+            beta = self._beta(group)
+            weight = 1.0 - beta if to_train else 1.0 - 1.0 / beta
+            self._move_points(group, [p for p in group["params"] if "z" in self.state[p]], weight)
+            group["train_mode"] = to_train
+
+    @torch.no_grad()
+    def train(self) -> None:
+        """Put the parameters at the training point y (idempotent; a new optimizer is already there)."""
+        self._switch(True)
+
+    @torch.no_grad()
+    def eval(self) -> None:
+        """Put the parameters at the averaged point x, for evaluation and checkpointing (idempotent)."""
+        self._switch(False)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Take one optimization step at the training point.
+
+        Args:
+            closure: optional callable that re-evaluates the model and returns the loss.
+
+        Returns:
+            The closure's loss, or None.
+        """
+        if not self.train_mode:
+            raise RuntimeError(
+                f"{type(self).__name__}.step() was called in eval mode: call optimizer.train() "
+                "before training steps (and optimizer.eval() before evaluating or saving)."
+            )
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            self._step_group(group, [p for p in group["params"] if p.grad is not None], closure_form=False)
+        return loss
+
+
+class ClosureForm(ScheduleFreeCore):
+    """Parameters always hold x; ``step(closure)`` moves them to y for the closure and back.
+
+    No ``train()``/``eval()`` is needed: between steps the model is always at x.
+    """
+
+    def step(self, closure: Callable[[], Any]) -> Any:  # type: ignore[override]
+        """Evaluate ``closure`` at y and take one step; parameters hold x before and after.
+
+        Args:
+            closure: callable that zeroes gradients, runs forward and backward, returns the loss.
+
+        Returns:
+            The closure's loss.
+        """
+        if closure is None or not callable(closure):
+            raise TypeError(f"{type(self).__name__}.step(closure) requires a callable closure, got {closure!r}")
+        with torch.no_grad():
+            for group in self.param_groups:
+                beta = self._beta(group)
+                self._move_points(group, [p for p in group["params"] if "z" in self.state[p]], 1.0 - beta)
+        with torch.enable_grad():
+            loss = closure()
+        with torch.no_grad():
+            for group in self.param_groups:
+                active = [p for p in group["params"] if p.grad is not None]
+                idle = [p for p in group["params"] if p.grad is None and "z" in self.state[p]]
+                self._step_group(group, active, closure_form=True)
+                self._move_points(group, idle, 1.0 - 1.0 / self._beta(group))
+        return loss

@@ -1,0 +1,174 @@
+"""ScheduleFreeWrapper: any torch optimizer made schedule-free, as a real ``torch.optim.Optimizer``.
+
+The base optimizer runs on z: before its step the wrapper puts z into the parameter (keeping x
+in z's slot), and after it rebuilds x and y from the new z:
+
+    z     <- z - lr * weight_decay_at_y * y                 (optional decay taken at y)
+    z     <- base_step(z, grad at y)
+    x_new <- (1 - ckp1) x + ckp1 z
+    y_new <- momentum x_new + (1 - momentum) z
+
+The wrapper shares its parameter-group dicts with the base optimizer, so LR schedulers and code
+that edits ``optimizer.param_groups`` drive both. Its own per-group entries carry an ``sf_``
+prefix (``weight_decay_at_y`` excepted) so they cannot collide with the base's.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch.optim import Optimizer
+
+from .. import kernels
+from .base import SCHEDULE_DEFAULTS, advance_schedule, check_range
+
+PREFIX = "sf_"
+
+
+def _check_group(group: dict[str, Any]) -> None:
+    check_range("weight_decay_at_y", group["weight_decay_at_y"], 0.0)
+    check_range("momentum", group[PREFIX + "momentum"], 0.0, 1.0, low_open=True)
+    check_range("r", group[PREFIX + "r"], 0.0)
+    check_range("weight_lr_power", group[PREFIX + "weight_lr_power"], 0.0)
+
+
+class ScheduleFreeWrapper(Optimizer):
+    """Make any ``torch.optim.Optimizer`` schedule-free.
+
+    Call ``train()`` before training and ``eval()`` before evaluating or saving; a new wrapper
+    starts in train mode. Turn off the base optimizer's own momentum (e.g. Adam's beta1=0): the
+    wrapper's interpolation provides it.
+
+    Example::
+
+        base = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.0, 0.999))
+        opt = ScheduleFreeWrapper(base, momentum=0.9, weight_decay_at_y=0.01)
+
+    Args:
+        base: the optimizer that updates z; it must use ``group['lr']`` as its learning rate for
+            the decay at y and the averaging weight to be right (its ``group['d']``, if any, is
+            folded into the averaging weight as D-adaptation methods require).
+        weight_decay_at_y: default decay taken at y, per group overridable with the
+            ``weight_decay_at_y`` group key; decay set on the base optimizer acts at z instead.
+        momentum: interpolation y = (1 - momentum) z + momentum x, 0 < momentum < 1 (default 0.9).
+        weight_lr_power: power of the max lr in the averaging weight (default 2).
+        r: polynomial weighting power of the average (default 0).
+    """
+
+    def __init__(self, base: Optimizer, weight_decay_at_y: float = 0.0, momentum: float = 0.9,
+                 weight_lr_power: float = 2, r: float = 0) -> None:
+        if not isinstance(base, Optimizer):
+            raise TypeError(f"base must be a torch.optim.Optimizer instance, got {type(base).__name__}")
+        self.base = base
+        defaults = {PREFIX + key: value for key, value in SCHEDULE_DEFAULTS.items()}
+        defaults.update({"weight_decay_at_y": weight_decay_at_y, PREFIX + "momentum": momentum,
+                         PREFIX + "weight_lr_power": weight_lr_power, PREFIX + "r": r,
+                         PREFIX + "train_mode": True})
+        _check_group(defaults)
+        super().__init__(base.param_groups, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group to the base optimizer and to the wrapper (validated before either changes).
+
+        Args:
+            param_group: dict with ``params`` and optional per-group hyperparameters of the base
+                optimizer and ``weight_decay_at_y``.
+        """
+        if not any(param_group is g for g in self.base.param_groups):
+            if not isinstance(param_group, dict):
+                raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+            _check_group({**self.defaults, **param_group})
+            mode = self.train_mode if self.param_groups else True
+            self.base.add_param_group({**param_group, PREFIX + "train_mode": mode})
+            param_group = self.base.param_groups[-1]
+        _check_group({**self.defaults, **param_group})
+        super().add_param_group(param_group)
+
+    @property
+    def train_mode(self) -> bool:
+        """True when parameters hold the training point y, False when they hold x."""
+        return all(group[PREFIX + "train_mode"] for group in self.param_groups)
+
+    def _switch(self, to_train: bool) -> None:
+        for group in self.param_groups:
+            if group[PREFIX + "train_mode"] == to_train:
+                continue
+            beta = group[PREFIX + "momentum"]
+            params = [p for p in group["params"] if "z" in self.state[p]]
+            kernels.lerp_(params, [self.state[p]["z"] for p in params], 1.0 - beta if to_train else 1.0 - 1.0 / beta)
+            group[PREFIX + "train_mode"] = to_train
+
+    @torch.no_grad()
+    def train(self) -> None:
+        """Put the parameters at the training point y (idempotent)."""
+        self._switch(True)
+
+    @torch.no_grad()
+    def eval(self) -> None:
+        """Put the parameters at the averaged point x, for evaluation and checkpointing (idempotent)."""
+        self._switch(False)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Take one schedule-free step around one step of the base optimizer.
+
+        Args:
+            closure: optional callable that re-evaluates the model and returns the loss.
+
+        Returns:
+            The closure's loss, or None.
+        """
+        if not self.train_mode:
+            raise RuntimeError("ScheduleFreeWrapper.step() was called in eval mode: call optimizer.train() "
+                               "before training steps (and optimizer.eval() before evaluating or saving).")
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        active = []
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            active.append(params)
+            for p in params:
+                if "z" not in self.state[p]:
+                    self.state[p]["z"] = p.detach().clone(memory_format=torch.preserve_format)
+            zs = [self.state[p]["z"] for p in params]
+            beta = group[PREFIX + "momentum"]
+            decay = float(group["lr"]) * group["weight_decay_at_y"]
+            if decay != 0.0 and params:
+                torch._foreach_sub_(zs, params, alpha=decay)
+                torch._foreach_mul_(params, 1.0 - decay * (1.0 - beta))
+            kernels.lerp_(params, zs, 1.0 - 1.0 / beta)
+            kernels.swap_(params, zs)
+        self.base.step()
+        for group, params in zip(self.param_groups, active):
+            _, ckp1 = advance_schedule(group, float(group.get("d", 1.0)), r_key=PREFIX + "r",
+                                       power_key=PREFIX + "weight_lr_power", prefix=PREFIX)
+            zs = [self.state[p]["z"] for p in params]
+            kernels.swap_(params, zs)
+            kernels.lerp_(params, zs, ckp1)
+            kernels.lerp_(params, zs, 1.0 - group[PREFIX + "momentum"])
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        """The wrapper's state (z, mode, averaging) with the base optimizer's under ``"base"``.
+
+        Returns:
+            A dict loadable by :meth:`load_state_dict`.
+        """
+        return {**super().state_dict(), "base": self.base.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load wrapper and base state; the two keep sharing their parameter-group dicts.
+
+        Args:
+            state_dict: a dict returned by :meth:`state_dict`.
+        """
+        if "base" not in state_dict:
+            raise ValueError("state_dict has no 'base' entry: it was not saved by ScheduleFreeWrapper.state_dict()")
+        own = {key: value for key, value in state_dict.items() if key != "base"}
+        super().load_state_dict(own)
+        self.base.load_state_dict(state_dict["base"])
+        for index, (mine, theirs) in enumerate(zip(self.param_groups, self.base.param_groups)):
+            theirs.update({key: value for key, value in mine.items() if key != "params"})
+            self.param_groups[index] = theirs
