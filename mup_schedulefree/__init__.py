@@ -16,7 +16,32 @@ from .optimizers import (
     SGDScheduleFreeReference,
 )
 
+from .factories import (
+    MuAdamW_ScheduleFree,
+    MuAdamW_ScheduleFreeClosure,
+    MuAdamW_ScheduleFreeReference,
+    MuRAdam_ScheduleFree,
+    MuRAdam_ScheduleFreeClosure,
+    MuScheduleFreeWrapper,
+    MuSGD_ScheduleFree,
+    MuSGD_ScheduleFreeClosure,
+    MuSGD_ScheduleFreeReference,
+    mu_optimizer,
+)
+from .scaling import mu_param_groups
+
 __all__ = [
+    "MuAdamW_ScheduleFree",
+    "MuAdamW_ScheduleFreeClosure",
+    "MuAdamW_ScheduleFreeReference",
+    "MuRAdam_ScheduleFree",
+    "MuRAdam_ScheduleFreeClosure",
+    "MuSGD_ScheduleFree",
+    "MuSGD_ScheduleFreeClosure",
+    "MuSGD_ScheduleFreeReference",
+    "MuScheduleFreeWrapper",
+    "mu_optimizer",
+    "mu_param_groups",
     "AdamWScheduleFree",
     "AdamWScheduleFreeClosure",
     "AdamWScheduleFreeReference",
