@@ -29,6 +29,7 @@ from .factories import (
     mu_optimizer,
 )
 from .scaling import mu_param_groups
+from .training import eval_mode, load_checkpoint, recalibrate_batchnorm, save_checkpoint
 
 __all__ = [
     "MuAdamW_ScheduleFree",
@@ -42,6 +43,10 @@ __all__ = [
     "MuScheduleFreeWrapper",
     "mu_optimizer",
     "mu_param_groups",
+    "eval_mode",
+    "save_checkpoint",
+    "load_checkpoint",
+    "recalibrate_batchnorm",
     "AdamWScheduleFree",
     "AdamWScheduleFreeClosure",
     "AdamWScheduleFreeReference",

@@ -71,6 +71,8 @@ def _direction_adam(
     denom = torch._foreach_div(exp_avg_sqs, bias_correction2)
     torch._foreach_sqrt_(denom)
     torch._foreach_add_(denom, eps)
+    if len(denom) == 1:  # one tensor at a time: reuse the buffer instead of allocating another
+        return [torch.div(grads[0], denom[0], out=denom[0])]
     return torch._foreach_div(grads, denom)
 
 

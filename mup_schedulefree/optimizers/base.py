@@ -28,6 +28,16 @@ LOW_PRECISION = (torch.float16, torch.bfloat16)
 MASTER = "param_fp32"
 
 
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The local shard of a DTensor (FSDP2 parameters and their state), else ``t`` itself.
+
+    The schedule-free update is elementwise with scalars shared by all ranks, so updating each
+    rank's shard in place updates the DTensor, and plain local tensors can take the fused path.
+    """
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None else t
+
+
 def check_range(name: str, value: Any, low: float, high: float | None = None, *,
                 low_open: bool = False, high_open: bool = True) -> None:
     """Raise ValueError naming ``name`` unless ``value`` lies in the stated interval.
@@ -198,13 +208,13 @@ class ScheduleFreeCore(Optimizer):
         moments: list[list[torch.Tensor]] = [[] for _ in self._moment_keys]
         for p in params:
             state = self.state[p]
-            point = self._point(p)
+            point = local(self._point(p))
             points.append(point)
-            grad = p.grad
+            grad = local(p.grad)
             grads.append(grad if grad.dtype == point.dtype else grad.to(point.dtype))
-            zs.append(state["z"])
+            zs.append(local(state["z"]))
             for column, key in zip(moments, self._moment_keys):
-                column.append(state[key])
+                column.append(local(state[key]))
         return [points, grads, zs, *moments]
 
     def _write_back(self, params: Iterable[torch.Tensor]) -> None:
@@ -225,7 +235,7 @@ class ScheduleFreeCore(Optimizer):
         """Interpolate the points of ``params`` toward their z by ``weight``."""
         if not params:
             return
-        lists = [[self._point(p) for p in params], [self.state[p]["z"] for p in params]]
+        lists = [[local(self._point(p)) for p in params], [local(self.state[p]["z"]) for p in params]]
         for points, zs in kernels.group_by_device_and_dtype(lists):
             fused, foreach = self._flags(group, points[0].device)
             kernels.lerp_(points, zs, weight, foreach=foreach, fused=fused)
