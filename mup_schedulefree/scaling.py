@@ -26,6 +26,7 @@ applied by multiplying or dividing by the shape quantity, as mup does).
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import torch
@@ -137,7 +138,7 @@ def _normalise(params: Any) -> list[dict[str, Any]]:
     return out
 
 
-def resolve_infshapes(infshapes: Mapping[str, Any] | str | None) -> Mapping[str, Any] | None:
+def resolve_infshapes(infshapes: Mapping[str, Any] | str | os.PathLike | None) -> Mapping[str, Any] | None:
     """Load an infshape mapping from a mup base-shape file path, or pass a mapping through.
 
     Args:
@@ -149,10 +150,10 @@ def resolve_infshapes(infshapes: Mapping[str, Any] | str | None) -> Mapping[str,
     """
     if infshapes is None or isinstance(infshapes, Mapping):
         return infshapes
-    if isinstance(infshapes, str):
+    if isinstance(infshapes, (str, os.PathLike)):
         import mup
 
-        return mup.load_base_shapes(infshapes)
+        return mup.load_base_shapes(os.fspath(infshapes))
     raise TypeError(f"infshapes must be a mapping name -> InfShape or a base-shape file path, got {type(infshapes).__name__}")
 
 

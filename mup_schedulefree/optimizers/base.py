@@ -114,6 +114,27 @@ def lr_ratio(group: dict[str, Any], prefix: str = "") -> float:
     return 1.0 if lr == ref else lr / ref
 
 
+def share_lr_ratios(groups: Iterable[dict[str, Any]], prefix: str = "") -> None:
+    """Store each group's lr ratio (see :func:`lr_ratio`) for this step, sharing equal ones.
+
+    A scheduler that multiplies every group's lr by the same factor (LambdaLR warmup) gives ratios
+    that agree only up to rounding, since each group rounds its own product. Ratios within 1e-12
+    (relative) of one already seen this step take that value, so ckp1 stays bit-identical across
+    muP's groups under a schedule too.
+
+    Args:
+        groups: the optimizer's parameter groups; each gets ``<prefix>lr_ratio``.
+        prefix: prefix of the bookkeeping keys.
+    """
+    seen: list[float] = []
+    for group in groups:
+        ratio = lr_ratio(group, prefix)
+        ratio = next((r for r in seen if abs(r - ratio) <= 1e-12 * abs(r)), ratio)
+        if ratio not in seen:
+            seen.append(ratio)
+        group[prefix + "lr_ratio"] = ratio
+
+
 def advance_schedule(group: dict[str, Any], multiplier: float, *, r_key: str = "r",
                      power_key: str = "weight_lr_power", prefix: str = "") -> tuple[float, float]:
     """Advance a group's step count and averaging weight by one step.
@@ -132,7 +153,8 @@ def advance_schedule(group: dict[str, Any], multiplier: float, *, r_key: str = "
     lr = float(group["lr"]) * multiplier
     group[prefix + "scheduled_lr"] = lr
     group[prefix + "lr_max"] = max(lr, group[prefix + "lr_max"])
-    avg = averaging_weight(k, multiplier * lr_ratio(group, prefix), group[prefix + "relative_lr_max"],
+    ratio = group.pop(prefix + "lr_ratio", None)
+    avg = averaging_weight(k, multiplier * (lr_ratio(group, prefix) if ratio is None else ratio), group[prefix + "relative_lr_max"],
                            group[prefix + "weight_sum"], group[r_key], group[power_key])
     group[prefix + "relative_lr_max"] = avg.lr_max
     group[prefix + "weight_sum"] = avg.weight_sum
@@ -188,8 +210,18 @@ class ScheduleFreeCore(Optimizer):
         super().add_param_group(param_group)
 
     def _point(self, p: torch.Tensor) -> torch.Tensor:
-        """The tensor the math updates for ``p``: its float32 master copy if it has one, else ``p``."""
-        return self.state[p].get(MASTER, p)
+        """The tensor the math updates for ``p``: its float32 master copy if it has one, else ``p``.
+
+        If ``p`` was written since the optimizer last wrote it (a user's ``load_state_dict``,
+        clamping, weight tying), the master takes the written value, as a float32 parameter would.
+        """
+        master = self.state[p].get(MASTER)
+        if master is None:
+            return p
+        written = getattr(self, "_written_versions", {}).get(p)
+        if written is not None and written != p._version:
+            master.copy_(p)
+        return master
 
     def _init_state(self, group: dict[str, Any], p: torch.Tensor) -> None:
         state = self.state[p]
@@ -218,10 +250,14 @@ class ScheduleFreeCore(Optimizer):
         return [points, grads, zs, *moments]
 
     def _write_back(self, params: Iterable[torch.Tensor]) -> None:
+        # Versions are kept outside the state dict: after a load or deepcopy nothing is known
+        # about later writes, and the saved master is trusted.
+        versions = self.__dict__.setdefault("_written_versions", {})
         for p in params:
             master = self.state[p].get(MASTER)
             if master is not None:
                 p.copy_(master)
+                versions[p] = p._version
 
     def _flags(self, group: dict[str, Any], device: torch.device) -> tuple[bool, bool]:
         """(fused, foreach) for tensors on ``device``: by default native on CPU, foreach elsewhere."""
@@ -321,6 +357,7 @@ class PrimalForm(ScheduleFreeCore):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        share_lr_ratios(self.param_groups)
         for group in self.param_groups:
             self._step_group(group, [p for p in group["params"] if p.grad is not None], closure_form=False)
         return loss
@@ -350,6 +387,7 @@ class ClosureForm(ScheduleFreeCore):
         with torch.enable_grad():
             loss = closure()
         with torch.no_grad():
+            share_lr_ratios(self.param_groups)
             for group in self.param_groups:
                 active = [p for p in group["params"] if p.grad is not None]
                 idle = [p for p in group["params"] if p.grad is None and "z" in self.state[p]]

@@ -12,7 +12,7 @@ import torch
 
 from ..schedule import warmup_multiplier
 from .adamw import AdamWRule
-from .base import ScheduleFreeCore, advance_schedule
+from .base import ScheduleFreeCore, advance_schedule, share_lr_ratios
 from .sgd import SGDRule
 
 
@@ -71,6 +71,7 @@ class _ReferenceForm(ScheduleFreeCore):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        share_lr_ratios(self.param_groups)
         for group in self.param_groups:
             k = group["k"]
             lr, ckp1 = advance_schedule(group, warmup_multiplier(k, group["warmup_steps"]))

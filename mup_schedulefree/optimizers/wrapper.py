@@ -20,7 +20,7 @@ import torch
 from torch.optim import Optimizer
 
 from .. import kernels
-from .base import SCHEDULE_DEFAULTS, advance_schedule, check_range
+from .base import SCHEDULE_DEFAULTS, advance_schedule, check_range, share_lr_ratios
 
 PREFIX = "sf_"
 
@@ -66,6 +66,10 @@ class ScheduleFreeWrapper(Optimizer):
                          PREFIX + "train_mode": True})
         _check_group(defaults)
         super().__init__(base.param_groups, defaults)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle/deepcopy state: torch's keeps defaults, state and groups; the base goes along."""
+        return {**super().__getstate__(), "base": self.base}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group to the base optimizer and to the wrapper (validated before either changes).
@@ -141,6 +145,7 @@ class ScheduleFreeWrapper(Optimizer):
             kernels.lerp_(params, zs, 1.0 - 1.0 / beta)
             kernels.swap_(params, zs)
         self.base.step()
+        share_lr_ratios(self.param_groups, PREFIX)
         for group, params in zip(self.param_groups, active):
             _, ckp1 = advance_schedule(group, float(group.get("d", 1.0)), r_key=PREFIX + "r",
                                        power_key=PREFIX + "weight_lr_power", prefix=PREFIX)
