@@ -1,0 +1,286 @@
+/*
+ * Fused schedule-free optimizer steps over lists of float32 CPU tensors.
+ *
+ * Plain C on purpose: no torch or Python headers, so it compiles in well under a second at first
+ * use (see native.py, which builds, caches and loads it with ctypes).
+ *
+ * Every exported function takes parallel arrays of data pointers, one per tensor, and an array of
+ * element counts. The work of all tensors is cut into chunks of SF_CHUNK elements and the chunks are
+ * handed out to OpenMP threads one at a time (dynamic schedule), so a list of many small tensors
+ * balances as well as one big one, and a thread slowed by another process on a shared CPU takes
+ * fewer chunks instead of holding up the step.
+ *
+ * Gradients are only read. Scalars arrive as doubles and are rounded to float once, as torch does
+ * with Python scalars on float32 tensors.
+ *
+ * Rounding follows torch's eager CPU kernels operation by operation (built with -ffp-contract=off,
+ * with explicit fused multiply-adds exactly where torch's kernels use them):
+ *   lerp(a, b, w)     = fma(w, b - a, a)               if |w| < 0.5
+ *                     = fma(-(b - a), 1 - w, b)        otherwise (torch's at::lerp)
+ *   a.add_(b, alpha)  = fma(b, alpha, a)
+ *   v.addcmul_(g, g, value=c) = fma(c * g, g, v)
+ * so where the hardware has FMA the SGD steps and lerp match an eager implementation of the same
+ * formulas bit for bit. The Adam direction differs only by torch's CPU sqrt, which is not always
+ * correctly rounded (1 ulp on some builds); sqrtf here is.
+ * Every function returns 0, or -1 if it could not allocate its work plan (nothing was modified).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#define SF_CHUNK 32768        /* elements per work item: large enough to amortise scheduling */
+#define SF_PARALLEL_MIN 65536 /* below this many elements in total, threads cost more than they save */
+
+#ifdef FP_FAST_FMAF
+#define SF_FMA(a, b, c) fmaf((a), (b), (c))
+#else
+#define SF_FMA(a, b, c) ((a) * (b) + (c))
+#endif
+
+/* A lerp weight prepared once per call: torch picks the formula by |w| < 0.5. */
+typedef struct {
+    int small;
+    float w;   /* the weight, for the small-weight formula */
+    float omw; /* 1 - w, for the large-weight formula */
+} sf_lerp_t;
+
+static sf_lerp_t sf_lerp_make(double weight)
+{
+    sf_lerp_t l;
+    l.w = (float)weight;
+    l.omw = 1.0f - l.w;
+    l.small = fabsf(l.w) < 0.5f;
+    return l;
+}
+
+static inline float sf_lerp(float a, float b, sf_lerp_t l)
+{
+    float d = b - a;
+    return l.small ? SF_FMA(l.w, d, a) : SF_FMA(-d, l.omw, b);
+}
+
+/* Which tensor, and which element range of it, each chunk covers. */
+typedef struct {
+    int64_t *first; /* first[t]: index of tensor t's first chunk; first[count]: number of chunks */
+    int64_t count;
+    int64_t total;  /* elements over all tensors */
+} sf_plan_t;
+
+static int sf_plan_make(sf_plan_t *p, const int64_t *n, int64_t count)
+{
+    p->count = count;
+    p->total = 0;
+    p->first = (int64_t *)malloc((size_t)(count + 1) * sizeof(int64_t));
+    if (!p->first)
+        return -1;
+    int64_t chunks = 0;
+    for (int64_t t = 0; t < count; ++t) {
+        p->first[t] = chunks;
+        chunks += (n[t] + SF_CHUNK - 1) / SF_CHUNK;
+        p->total += n[t];
+    }
+    p->first[count] = chunks;
+    return 0;
+}
+
+/* Tensor index of chunk c: the last t with first[t] <= c (empty tensors own no chunk). */
+static inline int64_t sf_plan_tensor(const sf_plan_t *p, int64_t c)
+{
+    int64_t lo = 0, hi = p->count - 1;
+    while (lo < hi) {
+        int64_t mid = lo + (hi - lo + 1) / 2;
+        if (p->first[mid] <= c)
+            lo = mid;
+        else
+            hi = mid - 1;
+    }
+    return lo;
+}
+
+#ifdef _OPENMP
+#define SF_OMP_FOR_CHUNKS \
+    _Pragma("omp parallel for schedule(dynamic) num_threads(threads_) if(plan_.total >= SF_PARALLEL_MIN)")
+#else
+#define SF_OMP_FOR_CHUNKS
+#endif
+
+/*
+ * Runs BODY once per chunk, in parallel, with t (tensor index), lo (first element) and m (element
+ * count) in scope. Returns -1 from the enclosing function if the plan cannot be allocated.
+ */
+#define SF_FOR_CHUNKS(n, count, num_threads, BODY)                                                \
+    do {                                                                                          \
+        sf_plan_t plan_;                                                                          \
+        if (sf_plan_make(&plan_, (n), (count)))                                                   \
+            return -1;                                                                            \
+        const int64_t chunks_ = plan_.first[(count)];                                             \
+        const int threads_ = (num_threads) > 0 ? (num_threads) : 1;                              \
+        (void)threads_;                                                                           \
+        SF_OMP_FOR_CHUNKS                                                                         \
+        for (int64_t c_ = 0; c_ < chunks_; ++c_) {                                                \
+            const int64_t t = sf_plan_tensor(&plan_, c_);                                         \
+            const int64_t lo = (c_ - plan_.first[t]) * SF_CHUNK;                                  \
+            const int64_t m = ((n)[t] - lo) < SF_CHUNK ? ((n)[t] - lo) : SF_CHUNK;               \
+            BODY;                                                                                 \
+        }                                                                                         \
+        free(plan_.first);                                                                        \
+    } while (0)
+
+/* Scalars of one schedule-free step, rounded to float as torch rounds Python scalars. */
+typedef struct {
+    float beta2, one_minus_beta2, bias_correction2, eps; /* Adam direction */
+    int adaptive;
+    float weight_decay;
+    int decay;         /* weight_decay != 0: eager code skips the add otherwise */
+    float neg_lr;      /* z <- z - lr u, as torch's sub_(alpha=lr) */
+    float y_coef;      /* lr (beta (1 - ckp1) - 1), computed in double as the eager code does */
+    sf_lerp_t to_z;    /* y <- lerp(y, z, ckp1) and closure x <- lerp(x, z, ckp1) */
+    sf_lerp_t to_x;    /* closure form: x <- lerp(y, z, 1 - 1/beta) */
+} sf_scalars_t;
+
+static sf_scalars_t sf_scalars_make(double lr, double beta, double beta2, double eps, double weight_decay,
+                                    double ckp1, double bias_correction2, int adaptive)
+{
+    sf_scalars_t s;
+    s.beta2 = (float)beta2;
+    s.one_minus_beta2 = (float)(1.0 - beta2);
+    s.bias_correction2 = (float)bias_correction2;
+    s.eps = (float)eps;
+    s.adaptive = adaptive != 0;
+    s.weight_decay = (float)weight_decay;
+    s.decay = weight_decay != 0.0;
+    s.neg_lr = -(float)lr;
+    s.y_coef = (float)(lr * (beta * (1.0 - ckp1) - 1.0));
+    s.to_z = sf_lerp_make(ckp1);
+    s.to_x = sf_lerp_make(1.0 - 1.0 / beta);
+    return s;
+}
+
+/* u = direction + weight_decay * y, with direction g / (sqrt(v / bc2) + eps) or g; v updated first. */
+static inline float sf_adam_direction(float gi, float yi, float *vi, const sf_scalars_t *s)
+{
+    float v = SF_FMA(s->one_minus_beta2 * gi, gi, s->beta2 * *vi);
+    *vi = v;
+    float u = s->adaptive ? gi / (sqrtf(v / s->bias_correction2) + s->eps) : gi;
+    return s->decay ? SF_FMA(yi, s->weight_decay, u) : u;
+}
+
+static inline float sf_sgd_direction(float gi, float yi, const sf_scalars_t *s)
+{
+    return s->decay ? SF_FMA(yi, s->weight_decay, gi) : gi;
+}
+
+/* y <- lerp(y, z, ckp1) + y_coef u;  z <- z - lr u. */
+#define SF_PRIMAL_UPDATE(yp, zp, i, u, s)                                                         \
+    do {                                                                                          \
+        const float zi_ = (zp)[i];                                                                \
+        (yp)[i] = SF_FMA((u), (s).y_coef, sf_lerp((yp)[i], zi_, (s).to_z));                       \
+        (zp)[i] = SF_FMA((u), (s).neg_lr, zi_);                                                   \
+    } while (0)
+
+/* Closure form, slot holds y on entry and x on exit: x <- lerp(y, z, 1 - 1/beta); z <- z - lr u;
+ * x <- lerp(x, z, ckp1). */
+#define SF_CLOSURE_UPDATE(xp, zp, i, u, s)                                                        \
+    do {                                                                                          \
+        const float zi_ = (zp)[i];                                                                \
+        const float z_new_ = SF_FMA((u), (s).neg_lr, zi_);                                        \
+        (xp)[i] = sf_lerp(sf_lerp((xp)[i], zi_, (s).to_x), z_new_, (s).to_z);                     \
+        (zp)[i] = z_new_;                                                                         \
+    } while (0)
+
+static void sf_adam_chunk(float *restrict y, const float *restrict g, float *restrict z, float *restrict v,
+                          int64_t m, sf_scalars_t s, int closure)
+{
+    if (closure) {
+        for (int64_t i = 0; i < m; ++i) {
+            const float u = sf_adam_direction(g[i], y[i], &v[i], &s);
+            SF_CLOSURE_UPDATE(y, z, i, u, s);
+        }
+    } else {
+        for (int64_t i = 0; i < m; ++i) {
+            const float u = sf_adam_direction(g[i], y[i], &v[i], &s);
+            SF_PRIMAL_UPDATE(y, z, i, u, s);
+        }
+    }
+}
+
+static void sf_sgd_chunk(float *restrict y, const float *restrict g, float *restrict z, int64_t m,
+                         sf_scalars_t s, int closure)
+{
+    if (closure) {
+        for (int64_t i = 0; i < m; ++i) {
+            const float u = sf_sgd_direction(g[i], y[i], &s);
+            SF_CLOSURE_UPDATE(y, z, i, u, s);
+        }
+    } else {
+        for (int64_t i = 0; i < m; ++i) {
+            const float u = sf_sgd_direction(g[i], y[i], &s);
+            SF_PRIMAL_UPDATE(y, z, i, u, s);
+        }
+    }
+}
+
+static int sf_adam(float *const *y, const float *const *g, float *const *z, float *const *v, const int64_t *n,
+                   int64_t count, double lr, double beta1, double beta2, double eps, double weight_decay,
+                   double ckp1, double bias_correction2, int adaptive, int closure, int num_threads)
+{
+    const sf_scalars_t s = sf_scalars_make(lr, beta1, beta2, eps, weight_decay, ckp1, bias_correction2, adaptive);
+    SF_FOR_CHUNKS(n, count, num_threads, sf_adam_chunk(y[t] + lo, g[t] + lo, z[t] + lo, v[t] + lo, m, s, closure));
+    return 0;
+}
+
+static int sf_sgd(float *const *y, const float *const *g, float *const *z, const int64_t *n, int64_t count,
+                  double lr, double momentum, double weight_decay, double ckp1, int closure, int num_threads)
+{
+    const sf_scalars_t s = sf_scalars_make(lr, momentum, 0.0, 0.0, weight_decay, ckp1, 1.0, 0);
+    SF_FOR_CHUNKS(n, count, num_threads, sf_sgd_chunk(y[t] + lo, g[t] + lo, z[t] + lo, m, s, closure));
+    return 0;
+}
+
+/* v <- beta2 v + (1 - beta2) g g;  u <- g / (sqrt(v / bias_correction2) + eps) (or g if !adaptive)
+ * + weight_decay y;  y <- lerp(y, z, ckp1) + lr (beta1 (1 - ckp1) - 1) u;  z <- z - lr u. */
+int sf_adam_step_f32(float *const *y, const float *const *g, float *const *z, float *const *v, const int64_t *n,
+                     int64_t count, double lr, double beta1, double beta2, double eps, double weight_decay,
+                     double ckp1, double bias_correction2, int adaptive, int num_threads)
+{
+    return sf_adam(y, g, z, v, n, count, lr, beta1, beta2, eps, weight_decay, ckp1, bias_correction2, adaptive, 0,
+                   num_threads);
+}
+
+/* Same u; the slot holds y on entry and x on exit (see SF_CLOSURE_UPDATE). */
+int sf_adam_closure_step_f32(float *const *x, const float *const *g, float *const *z, float *const *v,
+                             const int64_t *n, int64_t count, double lr, double beta1, double beta2, double eps,
+                             double weight_decay, double ckp1, double bias_correction2, int adaptive,
+                             int num_threads)
+{
+    return sf_adam(x, g, z, v, n, count, lr, beta1, beta2, eps, weight_decay, ckp1, bias_correction2, adaptive, 1,
+                   num_threads);
+}
+
+/* u <- g + weight_decay y; then the y and z updates of sf_adam_step_f32 with beta1 = momentum. */
+int sf_sgd_step_f32(float *const *y, const float *const *g, float *const *z, const int64_t *n, int64_t count,
+                    double lr, double momentum, double weight_decay, double ckp1, int num_threads)
+{
+    return sf_sgd(y, g, z, n, count, lr, momentum, weight_decay, ckp1, 0, num_threads);
+}
+
+int sf_sgd_closure_step_f32(float *const *x, const float *const *g, float *const *z, const int64_t *n,
+                            int64_t count, double lr, double momentum, double weight_decay, double ckp1,
+                            int num_threads)
+{
+    return sf_sgd(x, g, z, n, count, lr, momentum, weight_decay, ckp1, 1, num_threads);
+}
+
+/* a <- lerp(a, b, weight). */
+int sf_lerp_f32(float *const *a, const float *const *b, const int64_t *n, int64_t count, double weight,
+                int num_threads)
+{
+    const sf_lerp_t l = sf_lerp_make(weight);
+    SF_FOR_CHUNKS(n, count, num_threads, {
+        float *restrict ap = a[t] + lo;
+        const float *restrict bp = b[t] + lo;
+        for (int64_t i = 0; i < m; ++i)
+            ap[i] = sf_lerp(ap[i], bp[i], l);
+    });
+    return 0;
+}

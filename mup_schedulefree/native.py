@@ -1,0 +1,368 @@
+"""Fused CPU kernels for the schedule-free steps: one pass over memory per step.
+
+The eager update (``kernels.py``) reads and writes every state tensor several times; the kernels in
+``csrc/sf_kernels.c`` do the whole step in one pass, over all tensors of a list in one OpenMP-parallel
+call. They are a plain C file with no torch or Python headers, built with the system compiler at
+first use and loaded with ``ctypes``. That keeps the cold build well under a second; a torch C++
+extension costs half a minute of compiling torch headers, and ``torch.compile`` several seconds to
+over a minute depending on the number of tensors. The library is loaded after torch, so with
+torch's GNU OpenMP both share one thread pool; every call uses ``torch.get_num_threads()`` threads.
+
+Cache: the shared library is written to ``$MUP_SCHEDULEFREE_CACHE`` (default
+``~/.cache/mup_schedulefree``) under a name that hashes the source, the flags and the compiler's
+description of itself and of the target (``-march=native`` expands to the CPU it runs on, so a
+cache on a shared file system never hands a library to a CPU it was not built for). It is compiled
+to a temporary file and moved into place with ``os.replace``, so concurrent processes never load a
+partial file; later processes load it without compiling.
+
+Fallback: the compiler is ``$MUP_SCHEDULEFREE_CC`` or the first of cc, gcc, clang on the PATH.
+Flags the compiler rejects are dropped (``-march=native``, else ``-fopenmp``, else both). If no build works,
+``available()`` is False, one ``RuntimeWarning`` per process says so, and callers use the eager
+path. Only contiguous CPU float32 tensors are handled (see ``supports``); the kernels check their
+inputs and raise rather than touch memory a tensor does not own.
+
+Every function follows torch's rounding operation by operation (see the C file), so results match
+an eager torch implementation of the same formulas to float32 rounding (bit for bit where the CPU has
+FMA, except that torch's CPU sqrt may be 1 ulp off the correctly rounded one used here).
+"""
+from __future__ import annotations
+
+import array
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch.autograd.graph import increment_version
+
+Tensors = Sequence[torch.Tensor]
+
+_SOURCE = Path(__file__).with_name("csrc") / "sf_kernels.c"
+# Best first. -ffp-contract=off: the C file places its fused multiply-adds where torch's kernels do.
+_BASE_FLAGS = ("-O3", "-fno-math-errno", "-ffp-contract=off", "-shared", "-fPIC")
+_FLAG_SETS = (
+    _BASE_FLAGS + ("-fopenmp", "-march=native"),
+    _BASE_FLAGS + ("-fopenmp",),
+    _BASE_FLAGS + ("-march=native",),
+    _BASE_FLAGS,
+)
+_BUILD_TIMEOUT_S = 120
+_PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+_P = ctypes.c_void_p
+_D = ctypes.c_double
+_I = ctypes.c_int
+_N = (_P, ctypes.c_int64)  # element counts, number of tensors
+_SIGNATURES = {
+    "sf_adam_step_f32": (_P, _P, _P, _P) + _N + (_D,) * 7 + (_I, _I),
+    "sf_adam_closure_step_f32": (_P, _P, _P, _P) + _N + (_D,) * 7 + (_I, _I),
+    "sf_sgd_step_f32": (_P, _P, _P) + _N + (_D,) * 4 + (_I,),
+    "sf_sgd_closure_step_f32": (_P, _P, _P) + _N + (_D,) * 4 + (_I,),
+    "sf_lerp_f32": (_P, _P) + _N + (_D, _I),
+}
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+
+
+def cache_dir() -> Path:
+    """Where built libraries are kept.
+
+    Returns:
+        ``$MUP_SCHEDULEFREE_CACHE`` if set, else ``~/.cache/mup_schedulefree``.
+    """
+    configured = os.environ.get("MUP_SCHEDULEFREE_CACHE")
+    return Path(configured) if configured else Path.home() / ".cache" / "mup_schedulefree"
+
+
+def _compiler() -> str:
+    """Path of the C compiler; raises FileNotFoundError naming what was looked for."""
+    configured = os.environ.get("MUP_SCHEDULEFREE_CC")
+    candidates = [configured] if configured else ["cc", "gcc", "clang"]
+    for name in candidates:
+        found = shutil.which(name)
+        if found:
+            return found
+    raise FileNotFoundError(f"no C compiler found (looked for {', '.join(candidates)})")
+
+
+def _library_path(cc: str, flags: tuple[str, ...], source: bytes, directory: Path) -> Path | None:
+    """Cache path for this source, flags and compiler/target, or None if the compiler rejects the flags."""
+    compile_only = [f for f in flags if f not in ("-shared", "-fPIC")]
+    probe = subprocess.run([cc, "-v", "-E", "-x", "c", "-", "-o", os.devnull, *compile_only],
+                           stdin=subprocess.DEVNULL, capture_output=True, timeout=_BUILD_TIMEOUT_S)
+    if probe.returncode != 0:
+        return None
+    key = hashlib.sha256(source + "\0".join(flags).encode() + probe.stderr).hexdigest()[:20]
+    return directory / f"sf_kernels-{key}.so"
+
+
+def _compile(cc: str, flags: tuple[str, ...], target: Path) -> str | None:
+    """Compile the source to ``target`` atomically; returns None on success, else the compiler's complaint."""
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".sf_kernels-", suffix=".so.tmp")
+    os.close(fd)
+    try:
+        result = subprocess.run([cc, *flags, str(_SOURCE), "-o", tmp], capture_output=True, text=True,
+                                timeout=_BUILD_TIMEOUT_S)
+        if result.returncode != 0:
+            return result.stderr.strip().splitlines()[-1] if result.stderr.strip() else f"exit {result.returncode}"
+        os.replace(tmp, target)
+        return None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    """Open the library and declare its functions' signatures."""
+    lib = ctypes.CDLL(str(path))
+    for name, argtypes in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.argtypes = argtypes
+        fn.restype = ctypes.c_int
+    return lib
+
+
+def _build() -> ctypes.CDLL:
+    """Load a cached build (best flags first), else compile one; raises RuntimeError/OSError saying why not."""
+    cc = _compiler()
+    source = _SOURCE.read_bytes()
+    directory = cache_dir()
+    directory.mkdir(parents=True, exist_ok=True)
+    candidates = []
+    for flags in _FLAG_SETS:
+        path = _library_path(cc, flags, source, directory)
+        if path is None:
+            continue
+        if path.exists():
+            try:
+                return _load(path)
+            except OSError:
+                pass  # unreadable or truncated by something else; rebuilt below
+        candidates.append((flags, path))
+    complaint = "the compiler rejected every flag set"
+    for flags, path in candidates:
+        complaint = _compile(cc, flags, path)
+        if complaint is None:
+            return _load(path)
+    raise RuntimeError(f"{cc} failed: {complaint}")
+
+
+def _library() -> ctypes.CDLL | None:
+    """The loaded library, building it on first use; warns once per process if that fails."""
+    global _lib, _tried
+    if _tried:
+        return _lib
+    with _lock:
+        if not _tried:
+            try:
+                _lib = _build()
+            except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+                warnings.warn(f"mup_schedulefree: native CPU kernels unavailable ({err}); "
+                              "using the eager torch path instead.", RuntimeWarning, stacklevel=3)
+            _tried = True
+    return _lib
+
+
+def available() -> bool:
+    """Whether the native kernels are built and loaded (builds them on the first call).
+
+    Returns:
+        True if the fused functions of this module can be called.
+    """
+    return _library() is not None
+
+
+def supports(t: torch.Tensor) -> bool:
+    """Whether the native kernels can update ``t`` in place.
+
+    Args:
+        t: a plain tensor or Parameter (pass ``.to_local()`` of a DTensor).
+
+    Returns:
+        True for contiguous, strided, float32 CPU tensors without a pending negation.
+    """
+    return (type(t) in _PLAIN_TYPES and t.dtype is torch.float32 and t.is_cpu and t.layout is torch.strided
+            and t.is_contiguous() and not t.is_neg())
+
+
+def unsupported(*lists: Tensors) -> list[int]:
+    """Indices at which some tensor of the parallel ``lists`` is not supported.
+
+    Args:
+        lists: parallel lists of tensors, as passed to one of the step functions.
+
+    Returns:
+        Sorted indices that must take the eager path instead.
+    """
+    return [i for i, items in enumerate(zip(*lists)) if not all(supports(t) for t in items)]
+
+
+def _pointers(names: tuple[str, ...], lists: tuple[Tensors, ...]) -> tuple[list[array.array], array.array]:
+    """Data-pointer arrays of each list and the element counts, after checking every tensor."""
+    count = len(lists[0])
+    for name, ts in zip(names, lists):
+        if len(ts) != count:
+            raise ValueError(f"{name} has {len(ts)} tensors, expected {count} like {names[0]}")
+        for i, t in enumerate(ts):
+            if not supports(t):
+                raise TypeError(f"{name}[{i}] is not a contiguous CPU float32 tensor "
+                                f"(got {type(t).__name__}, {t.dtype}, {t.device}); check supports() first")
+    numels = array.array("q", [t.numel() for t in lists[0]])
+    for name, ts in zip(names[1:], lists[1:]):
+        if array.array("q", [t.numel() for t in ts]) != numels:
+            raise ValueError(f"{name} and {names[0]} differ in tensor sizes")
+    return [array.array("Q", [t.data_ptr() for t in ts]) for ts in lists], numels
+
+
+def _call(fn_name: str, names: tuple[str, ...], lists: tuple[Tensors, ...], *scalars: float | int) -> None:
+    """Check the lists, run one native function over all of them, and bump the written tensors' versions.
+
+    The second list (gradients, lerp ends) is read only in every kernel; the others are written, which
+    autograd is told as torch's own in-place operations would tell it.
+    """
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("native kernels are not available; check available() first")
+    pointers, numels = _pointers(names, lists)
+    if not numels:
+        return
+    status = getattr(lib, fn_name)(*(p.buffer_info()[0] for p in pointers), numels.buffer_info()[0], len(numels),
+                                   *scalars, torch.get_num_threads())
+    if status != 0:
+        raise MemoryError(f"{fn_name} could not allocate its work plan for {len(numels)} tensors")
+    for i, ts in enumerate(lists):
+        if i != 1:
+            increment_version(ts)
+
+
+def adam_sf_step_(
+    ys: Tensors,
+    grads: Tensors,
+    zs: Tensors,
+    exp_avg_sqs: Tensors,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    ckp1: float,
+    bias_correction2: float,
+    adaptive: bool = True,
+) -> None:
+    """One schedule-free Adam step, in place, with y held in the parameters.
+
+    v = beta2 v + (1 - beta2) g g;  u = (adaptive ? g / (sqrt(v / bias_correction2) + eps) : g) + weight_decay y;
+    y = lerp(y, z, ckp1) + lr (beta1 (1 - ckp1) - 1) u;  z = z - lr u.
+
+    Args:
+        ys: parameters holding y; updated.
+        grads: gradients at y; read only.
+        zs: base iterates; updated.
+        exp_avg_sqs: second moments v; updated (also when not adaptive).
+        lr: learning rate of this step.
+        beta1: interpolation between z and x that defines y.
+        beta2: second-moment decay.
+        eps: added to the root of the bias-corrected second moment.
+        weight_decay: decay coefficient, applied at y.
+        ckp1: averaging weight of the new z into x.
+        bias_correction2: 1 - beta2^(k+1).
+        adaptive: divide by the second-moment root (False in RAdam-SF's first steps).
+    """
+    _call("sf_adam_step_f32", ("ys", "grads", "zs", "exp_avg_sqs"), (ys, grads, zs, exp_avg_sqs),
+          lr, beta1, beta2, eps, weight_decay, ckp1, bias_correction2, int(bool(adaptive)))
+
+
+def adam_sf_closure_step_(
+    xs: Tensors,
+    grads: Tensors,
+    zs: Tensors,
+    exp_avg_sqs: Tensors,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    ckp1: float,
+    bias_correction2: float,
+    adaptive: bool = True,
+) -> None:
+    """One schedule-free Adam step in closure form: the parameters hold y on entry and x on exit.
+
+    u as in ``adam_sf_step_``;  x = lerp(y, z, 1 - 1/beta1);  z = z - lr u;  x = lerp(x, z, ckp1).
+
+    Args:
+        xs: parameters holding y (formed before the closure); hold x on return.
+        grads: gradients at y; read only.
+        zs: base iterates; updated.
+        exp_avg_sqs: second moments v; updated.
+        lr: learning rate of this step.
+        beta1: interpolation between z and x that defined y.
+        beta2: second-moment decay.
+        eps: added to the root of the bias-corrected second moment.
+        weight_decay: decay coefficient, applied at y.
+        ckp1: averaging weight of the new z into x.
+        bias_correction2: 1 - beta2^(k+1).
+        adaptive: divide by the second-moment root.
+    """
+    _call("sf_adam_closure_step_f32", ("xs", "grads", "zs", "exp_avg_sqs"), (xs, grads, zs, exp_avg_sqs),
+          lr, beta1, beta2, eps, weight_decay, ckp1, bias_correction2, int(bool(adaptive)))
+
+
+def sgd_sf_step_(
+    ys: Tensors, grads: Tensors, zs: Tensors, *, lr: float, momentum: float, weight_decay: float, ckp1: float
+) -> None:
+    """One schedule-free SGD step, in place, with y held in the parameters.
+
+    u = g + weight_decay y;  y = lerp(y, z, ckp1) + lr (momentum (1 - ckp1) - 1) u;  z = z - lr u.
+
+    Args:
+        ys: parameters holding y; updated.
+        grads: gradients at y; read only.
+        zs: base iterates; updated.
+        lr: learning rate of this step.
+        momentum: interpolation between z and x that defines y.
+        weight_decay: decay coefficient, applied at y.
+        ckp1: averaging weight of the new z into x.
+    """
+    _call("sf_sgd_step_f32", ("ys", "grads", "zs"), (ys, grads, zs), lr, momentum, weight_decay, ckp1)
+
+
+def sgd_sf_closure_step_(
+    xs: Tensors, grads: Tensors, zs: Tensors, *, lr: float, momentum: float, weight_decay: float, ckp1: float
+) -> None:
+    """One schedule-free SGD step in closure form: the parameters hold y on entry and x on exit.
+
+    u = g + weight_decay y;  x = lerp(y, z, 1 - 1/momentum);  z = z - lr u;  x = lerp(x, z, ckp1).
+
+    Args:
+        xs: parameters holding y (formed before the closure); hold x on return.
+        grads: gradients at y; read only.
+        zs: base iterates; updated.
+        lr: learning rate of this step.
+        momentum: interpolation between z and x that defined y.
+        weight_decay: decay coefficient, applied at y.
+        ckp1: averaging weight of the new z into x.
+    """
+    _call("sf_sgd_closure_step_f32", ("xs", "grads", "zs"), (xs, grads, zs), lr, momentum, weight_decay, ckp1)
+
+
+def lerp_(starts: Tensors, ends: Tensors, weight: float) -> None:
+    """starts = lerp(starts, ends, weight), in place, rounded as ``torch._foreach_lerp_``.
+
+    Args:
+        starts: tensors moved in place.
+        ends: targets; read only.
+        weight: interpolation weight (may lie outside [0, 1]).
+    """
+    _call("sf_lerp_f32", ("starts", "ends"), (starts, ends), weight)

@@ -1,0 +1,224 @@
+"""The native fused kernels compute the schedule-free steps exactly as an eager torch implementation does.
+
+The reference implementations below are the specification: plain per-tensor torch operations in the
+order the formulas are written, with no memory tricks. Comparisons are relative to each tensor's
+scale, |native - reference| <= 1e-6 * max|reference|, because single elements near zero carry the
+cancellation of y = lerp(y, z) + c u, and torch's CPU sqrt may be 1 ulp off a correctly rounded one.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from mup_schedulefree import native
+
+REPO = Path(__file__).resolve().parents[1]
+RTOL = 1e-6
+SIZES = [1, 7, 1_000_003, 2, 33, 255, 4097, 65_537, 131_073] + [3 + 97 * i for i in range(40)]
+STEPS = 12
+
+needs_native = pytest.mark.skipif(not native.available(), reason="native kernels could not be built here")
+
+
+# ----------------------------------------------------------------------------- reference implementations
+def reference_adam_step(ys, grads, zs, vs, *, lr, beta1, beta2, eps, weight_decay, ckp1, bias_correction2,
+                        adaptive, closure_form):
+    """Reference: schedule-free Adam, one tensor at a time, formulas in the written order."""
+    for y, g, z, v in zip(ys, grads, zs, vs):
+        v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+        u = g / (v / bias_correction2).sqrt_().add_(eps) if adaptive else g
+        if weight_decay:
+            u = u.add(y, alpha=weight_decay)
+        _reference_update(y, z, u, lr=lr, beta=beta1, ckp1=ckp1, closure_form=closure_form)
+
+
+def reference_sgd_step(ys, grads, zs, *, lr, momentum, weight_decay, ckp1, closure_form):
+    """Reference: schedule-free SGD, one tensor at a time, formulas in the written order."""
+    for y, g, z in zip(ys, grads, zs):
+        u = g.add(y, alpha=weight_decay) if weight_decay else g
+        _reference_update(y, z, u, lr=lr, beta=momentum, ckp1=ckp1, closure_form=closure_form)
+
+
+def _reference_update(y, z, u, *, lr, beta, ckp1, closure_form):
+    if closure_form:  # y holds y on entry, x on exit
+        y.lerp_(z, 1.0 - 1.0 / beta)
+        z.sub_(u, alpha=lr)
+        y.lerp_(z, ckp1)
+    else:
+        y.lerp_(z, ckp1).add_(u, alpha=lr * (beta * (1.0 - ckp1) - 1.0))
+        z.sub_(u, alpha=lr)
+
+
+# ----------------------------------------------------------------------------- helpers
+def _randn_lists(count: int, seed: int) -> list[list[torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [[torch.randn(n, generator=gen) for n in SIZES] for _ in range(count)]
+
+
+def _clone(ts):
+    return [t.clone() for t in ts]
+
+
+def _assert_matches(actual, expected, what):
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        scale = e.abs().max().item()
+        err = (a - e).abs().max().item()
+        assert err <= RTOL * scale, f"{what}[{i}] (numel {e.numel()}): max error {err:.3g} > {RTOL} * {scale:.3g}"
+
+
+def _schedule(k: int, beta2: float = 0.999) -> dict:
+    """Scalars of step k as the optimizers produce them (warm-up lr, ckp1 = 1/(k+1) so step 0 has ckp1 = 1)."""
+    return dict(lr=1e-2 * min(1.0, (k + 1) / 4), ckp1=1.0 / (k + 1), bias_correction2=1.0 - beta2 ** (k + 1))
+
+
+# ----------------------------------------------------------------------------- claims
+@needs_native
+@pytest.mark.parametrize("closure_form", [False, True], ids=["primal", "closure"])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+@pytest.mark.parametrize("rectified", [False, True], ids=["adamw", "radam"])
+def test_adam_step_matches_reference_over_many_steps(closure_form, weight_decay, rectified):
+    beta1, beta2, eps = 0.9, 0.999, 1e-8
+    ys, zs = _randn_lists(2, seed=0)
+    vs = [torch.zeros_like(y) for y in ys]
+    ref_ys, ref_zs, ref_vs = _clone(ys), _clone(zs), _clone(vs)
+    grad_lists = _randn_lists(STEPS, seed=1)
+    kernel = native.adam_sf_closure_step_ if closure_form else native.adam_sf_step_
+    for k, grads in enumerate(grad_lists):
+        if closure_form:  # the closure is evaluated at y = lerp(x, z, 1 - beta1)
+            native.lerp_(ys, zs, 1.0 - beta1)
+            torch._foreach_lerp_(ref_ys, ref_zs, 1.0 - beta1)
+        grads_before = _clone(grads)
+        scalars = dict(beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                       adaptive=not rectified or k >= 4, **_schedule(k, beta2))
+        kernel(ys, grads, zs, vs, **scalars)
+        reference_adam_step(ref_ys, grads, ref_zs, ref_vs, closure_form=closure_form, **scalars)
+        assert all(torch.equal(g, before) for g, before in zip(grads, grads_before)), "gradients were written"
+    _assert_matches(ys, ref_ys, "x" if closure_form else "y")
+    _assert_matches(zs, ref_zs, "z")
+    _assert_matches(vs, ref_vs, "exp_avg_sq")
+
+
+@needs_native
+@pytest.mark.parametrize("closure_form", [False, True], ids=["primal", "closure"])
+@pytest.mark.parametrize("weight_decay", [0.0, 0.1])
+def test_sgd_step_matches_reference_over_many_steps(closure_form, weight_decay):
+    momentum = 0.9
+    ys, zs = _randn_lists(2, seed=2)
+    ref_ys, ref_zs = _clone(ys), _clone(zs)
+    kernel = native.sgd_sf_closure_step_ if closure_form else native.sgd_sf_step_
+    for k, grads in enumerate(_randn_lists(STEPS, seed=3)):
+        if closure_form:
+            native.lerp_(ys, zs, 1.0 - momentum)
+            torch._foreach_lerp_(ref_ys, ref_zs, 1.0 - momentum)
+        grads_before = _clone(grads)
+        schedule = _schedule(k)
+        scalars = dict(lr=schedule["lr"], ckp1=schedule["ckp1"], momentum=momentum, weight_decay=weight_decay)
+        kernel(ys, grads, zs, **scalars)
+        reference_sgd_step(ref_ys, grads, ref_zs, closure_form=closure_form, **scalars)
+        assert all(torch.equal(g, before) for g, before in zip(grads, grads_before)), "gradients were written"
+    _assert_matches(ys, ref_ys, "x" if closure_form else "y")
+    _assert_matches(zs, ref_zs, "z")
+
+
+@needs_native
+@pytest.mark.parametrize("weight", [0.0, 0.1, -0.125, 0.5, 0.9, 1.0, 1.5])
+def test_lerp_matches_torch_lerp_on_both_sides_of_one_half(weight):
+    starts, ends = _randn_lists(2, seed=4)
+    expected = torch._foreach_lerp(starts, ends, weight)
+    ends_before = _clone(ends)
+    native.lerp_(starts, ends, weight)
+    _assert_matches(starts, expected, "starts")
+    assert all(torch.equal(e, before) for e, before in zip(ends, ends_before)), "ends were written"
+
+
+@needs_native
+def test_parameters_and_empty_tensors_are_updated_in_place_and_autograd_sees_the_writes():
+    params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.empty(0))]
+    grads = [torch.ones_like(p) for p in params]
+    zs = [torch.zeros_like(p) for p in params]
+    storage = [p.data_ptr() for p in params]
+    versions = [t._version for t in params + grads + zs]
+    with torch.no_grad():
+        native.sgd_sf_step_(params, grads, zs, lr=0.1, momentum=0.9, weight_decay=0.0, ckp1=1.0)
+    assert [p.data_ptr() for p in params] == storage
+    assert torch.equal(zs[0], torch.full((5, 3), -0.1))
+    bumped = [t._version > v for t, v in zip(params + grads + zs, versions)]
+    assert bumped == [True, True, False, False, True, True], "written tensors bump their version, gradients not"
+
+
+def test_only_contiguous_cpu_float32_tensors_are_supported():
+    ok = torch.randn(4, 6)
+    rejected = {
+        "transposed": ok.t(),
+        "strided slice": torch.randn(12)[::2],
+        "float64": torch.randn(6, dtype=torch.float64),
+        "bfloat16": torch.randn(6, dtype=torch.bfloat16),
+        "float16": torch.randn(6, dtype=torch.float16),
+        "sparse": torch.randn(3, 3).to_sparse(),
+        "negated view": torch._neg_view(torch.randn(6)),
+    }
+    assert native.supports(ok) and native.supports(torch.nn.Parameter(ok))
+    for name, t in rejected.items():
+        assert not native.supports(t), name
+    lists = [[ok, rejected["transposed"], ok, ok], [ok, ok, rejected["float64"], ok]]
+    assert native.unsupported(*lists) == [1, 2]
+
+
+@needs_native
+def test_unsupported_or_mismatched_inputs_raise_before_touching_memory():
+    y = torch.randn(6)
+    before = y.clone()
+    with pytest.raises(TypeError, match=r"grads\[0\]"):
+        native.sgd_sf_step_([y], [torch.randn(12)[::2]], [torch.zeros(6)], lr=0.1, momentum=0.9,
+                            weight_decay=0.0, ckp1=0.5)
+    with pytest.raises(ValueError, match="zs"):
+        native.sgd_sf_step_([y], [torch.randn(6)], [torch.zeros(7)], lr=0.1, momentum=0.9,
+                            weight_decay=0.0, ckp1=0.5)
+    with pytest.raises(ValueError, match="ends"):
+        native.lerp_([y], [], 0.5)
+    assert torch.equal(y, before)
+
+
+def _python(code: str, **env: str) -> subprocess.CompletedProcess:
+    """Run ``code`` in a fresh interpreter with extra environment variables."""
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=120, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), **env})
+
+
+COUNT_WARNINGS = """
+    import warnings
+    import torch
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        from mup_schedulefree import native
+        results = [native.available() for _ in range(3)]
+    print(results, sum("eager" in str(w.message) for w in caught))
+"""
+
+
+def test_missing_compiler_means_unavailable_with_exactly_one_warning(tmp_path):
+    result = _python(COUNT_WARNINGS, MUP_SCHEDULEFREE_CC="/nonexistent/cc", MUP_SCHEDULEFREE_CACHE=str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["[False,", "False,", "False]", "1"]
+
+
+@needs_native
+def test_concurrent_cold_builds_leave_one_library_that_later_processes_reuse(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO), "MUP_SCHEDULEFREE_CACHE": str(tmp_path)}
+    racers = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(COUNT_WARNINGS)], env=env, cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for racer in racers:
+        out, err = racer.communicate(timeout=120)
+        assert out.split() == ["[True,", "True,", "True]", "0"], err
+    built = sorted(tmp_path.iterdir())
+    assert len(built) == 1 and built[0].suffix == ".so", built
+    stamp = built[0].stat().st_mtime_ns
+    result = _python(COUNT_WARNINGS, MUP_SCHEDULEFREE_CACHE=str(tmp_path))
+    assert result.stdout.split() == ["[True,", "True,", "True]", "0"], result.stderr
+    assert sorted(tmp_path.iterdir()) == built and built[0].stat().st_mtime_ns == stamp
