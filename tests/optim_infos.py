@@ -1,0 +1,370 @@
+"""One record per optimizer class, and the helpers every generic test drives them with.
+
+Following torch.optim's OpInfo idea, each :class:`OptimInfo` describes a class once: how to build it,
+a list of valid configurations, whether it is closure-driven or has train/eval modes, which flags it
+honours, the invalid inputs it must reject, and its counterpart in the published ``schedulefree``
+1.4.1 package together with the traps that counterpart is known to exhibit. Generic tests are
+parametrized over :data:`INFOS` and never name a class.
+
+Parameter layout used throughout (the tiny MLP's four tensors W1, b1, W2, b2): three groups,
+[W1, b1] at the config's lr, [W2] at lr / 3 with weight decay 0.05, [b2] at 2 lr with a 7-step
+warmup (where the class has warmup).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import schedulefree as published
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.optim import Optimizer
+
+import mup_schedulefree as ours
+
+# Traps of the published package a record can declare (see ``OptimInfo.published_traps``).
+WRITES_GRAD = "writes_grad"                  # step() modifies p.grad in place
+TOUCHES_GRADLESS = "touches_gradless"        # state / movement for parameters that never had a gradient
+DRIFTS_WHEN_FROZEN = "drifts_when_frozen"    # a parameter that lost its gradient keeps moving
+STARTS_IN_EVAL = "starts_in_eval"            # a new optimizer refuses to step before train()
+MODE_NOT_SAVED = "mode_not_saved"            # state_dict does not carry the train/eval mode
+NEW_GROUP_WRONG_MODE = "new_group_wrong_mode"  # add_param_group after train() leaves the group in eval
+WRONG_EVAL_ERROR = "wrong_eval_error"        # step() in eval mode raises a bare Exception
+ACCEPTS_INVALID = "accepts_invalid"          # negative lr accepted silently
+
+
+@dataclass(frozen=True)
+class ErrorInput:
+    """Constructor kwargs that must raise ValueError naming ``name`` and showing ``value``.
+
+    ``in_group``: the same key is a per-group hyperparameter, so ``add_param_group`` must reject it too.
+    """
+
+    kwargs: dict[str, Any]
+    name: str
+    value: Any
+    in_group: bool = True
+
+    @property
+    def id(self) -> str:
+        return "-".join(f"{k}={v}" for k, v in self.kwargs.items())
+
+
+@dataclass(frozen=True)
+class OptimInfo:
+    """Everything a generic test needs to know about one optimizer class.
+
+    Attributes:
+        name: test id.
+        factory: ``factory(params, **config)`` builds the optimizer (wrapper: its base too).
+        configs: valid configurations; every one has ``lr``.
+        closure_form: ``step(closure)`` is required and parameters hold x between steps.
+        has_modes: the class has ``train()``/``eval()`` and a ``train_mode`` property.
+        beta_key: config key of the y = (1 - beta) z + beta x interpolation coefficient.
+        decay_key: per-group key of the weight decay taken at y.
+        has_warmup: the class has ``warmup_steps``.
+        honours_flags: ``foreach``/``fused``/``master_weights`` change how it computes.
+        error_inputs: invalid constructor inputs.
+        published_factory: ``published_factory(params, **config)`` builds the schedulefree 1.4.1
+            counterpart (its primal, reference and wrapper forms start in eval mode).
+        published_reads_group_decay: the published class reads ``decay_key`` per group.
+        published_traps: names of the traps (module constants) the published counterpart exhibits.
+    """
+
+    name: str
+    factory: Callable[..., Optimizer]
+    configs: tuple[dict[str, Any], ...]
+    closure_form: bool = False
+    has_modes: bool = True
+    beta_key: str = "betas"
+    decay_key: str = "weight_decay"
+    has_warmup: bool = True
+    honours_flags: bool = True
+    error_inputs: tuple[ErrorInput, ...] = ()
+    published_factory: Callable[..., Any] | None = None
+    published_reads_group_decay: bool = True
+    published_traps: frozenset[str] = field(default_factory=frozenset)
+
+    def make(self, params: Iterable[Any], config: dict[str, Any], **extra: Any) -> Optimizer:
+        """Build the optimizer from ``config`` plus ``extra`` kwargs."""
+        return self.factory(params, **config, **extra)
+
+    def make_published(self, params: Iterable[Any], config: dict[str, Any], *, ready: bool = True) -> Any:
+        """Build the published counterpart; ``ready``: call its ``train()`` (it starts in eval mode)."""
+        opt = self.published_factory(params, **config)
+        if ready and self.has_modes:
+            opt.train()
+        return opt
+
+    def beta(self, config: dict[str, Any]) -> float:
+        """The interpolation coefficient of ``config`` (class default if unset)."""
+        if self.beta_key == "betas":
+            return config.get("betas", (0.9, 0.999))[0]
+        return config.get(self.beta_key, 0.9)
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+# ----------------------------------------------------------------------------- factories
+def init_adam_state(adam: torch.optim.Adam) -> None:
+    """Create the state torch's Adam would create lazily on its first step (step 0, zero moments).
+
+    The published wrapper keeps its ``z`` in the base optimizer's state, so torch's Adam, which
+    initialises only when a parameter's state is empty, then fails with ``KeyError: 'exp_avg'``.
+    Creating that state up front gives the same trajectory as lazy initialisation.
+    """
+    for group in adam.param_groups:
+        for p in group["params"]:
+            adam.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                             "exp_avg_sq": torch.zeros_like(p)}
+
+
+def _wrapper_factory(wrapper_cls: type, base: str, *, published_form: bool) -> Callable[..., Any]:
+    """Build ``wrapper_cls(SGD or Adam(betas=(0, 0.999)), **kw)`` with the base taking the lr.
+
+    ``published_form``: the published wrapper, which needs Adam's state created up front (see
+    :func:`init_adam_state`).
+    """
+
+    def factory(params: Iterable[Any], lr: float, **kw: Any) -> Any:
+        if base == "sgd":
+            base_opt = torch.optim.SGD(params, lr=lr)
+        else:
+            base_opt = torch.optim.Adam(params, lr=lr, betas=(0.0, 0.999))
+            if published_form:
+                init_adam_state(base_opt)
+        return wrapper_cls(base_opt, **kw)
+
+    return factory
+
+
+# ----------------------------------------------------------------------------- records
+_ADAMW_CONFIGS = (
+    dict(lr=0.01, betas=(0.9, 0.999), weight_decay=0.01, warmup_steps=5, r=1.0),
+    dict(lr=0.03, betas=(0.8, 0.99), eps=1e-6, weight_lr_power=0.0),
+)
+_RADAM_CONFIGS = (
+    dict(lr=0.01, betas=(0.9, 0.999), weight_decay=0.01, r=1.0),
+    dict(lr=0.03, betas=(0.8, 0.99), silent_sgd_phase=False, weight_lr_power=0.0),
+)
+_SGD_CONFIGS = (
+    dict(lr=0.2, momentum=0.9, weight_decay=0.01, warmup_steps=5, r=1.0),
+    dict(lr=0.5, momentum=0.7, weight_lr_power=0.0),
+)
+_WRAPPER_SGD_CONFIGS = (
+    dict(lr=0.2, momentum=0.9, weight_decay_at_y=0.01, r=1.0),
+    dict(lr=0.5, momentum=0.7, weight_lr_power=0.0),
+)
+_WRAPPER_ADAM_CONFIGS = (
+    dict(lr=0.01, momentum=0.9, weight_decay_at_y=0.01, r=1.0),
+    dict(lr=0.03, momentum=0.8),
+)
+
+_COMMON_ERRORS = (
+    ErrorInput(dict(lr=-1.0), "lr", -1.0),
+    ErrorInput(dict(weight_decay=-0.5), "weight_decay", -0.5),
+    ErrorInput(dict(r=-1.0), "r", -1.0),
+    ErrorInput(dict(weight_lr_power=-2.0), "weight_lr_power", -2.0),
+)
+_BETAS_ERRORS = (
+    ErrorInput(dict(betas=(1.0, 0.999)), "betas", 1.0),
+    ErrorInput(dict(betas=(0.0, 0.999)), "betas", 0.0),
+    ErrorInput(dict(betas=(-0.25, 0.999)), "betas", -0.25),
+    ErrorInput(dict(betas=(0.9, 1.0)), "betas", 1.0),
+    ErrorInput(dict(betas=(0.9, -0.125)), "betas", -0.125),
+    ErrorInput(dict(eps=-1e-8), "eps", -1e-8),
+)
+_WARMUP_ERRORS = (ErrorInput(dict(warmup_steps=-3), "warmup_steps", -3),)
+_MOMENTUM_ERRORS = (
+    ErrorInput(dict(momentum=1.0), "momentum", 1.0),
+    ErrorInput(dict(momentum=0.0), "momentum", 0.0),
+    ErrorInput(dict(momentum=-0.5), "momentum", -0.5),
+)
+_ADAMW_ERRORS = _COMMON_ERRORS + _BETAS_ERRORS + _WARMUP_ERRORS
+_RADAM_ERRORS = _COMMON_ERRORS + _BETAS_ERRORS
+_SGD_ERRORS = _COMMON_ERRORS + _MOMENTUM_ERRORS + _WARMUP_ERRORS
+_WRAPPER_ERRORS = (
+    ErrorInput(dict(weight_decay_at_y=-0.1), "weight_decay_at_y", -0.1),
+    ErrorInput(dict(momentum=1.0), "momentum", 1.0, in_group=False),
+    ErrorInput(dict(momentum=0.0), "momentum", 0.0, in_group=False),
+    ErrorInput(dict(r=-1.0), "r", -1.0, in_group=False),
+    ErrorInput(dict(weight_lr_power=-1.0), "weight_lr_power", -1.0, in_group=False),
+)
+
+_PRIMAL_TRAPS = frozenset({WRITES_GRAD, STARTS_IN_EVAL, NEW_GROUP_WRONG_MODE, WRONG_EVAL_ERROR})
+_CLOSURE_TRAPS = frozenset({WRITES_GRAD, TOUCHES_GRADLESS, DRIFTS_WHEN_FROZEN})
+_WRAPPER_TRAPS = frozenset({STARTS_IN_EVAL, MODE_NOT_SAVED, WRONG_EVAL_ERROR})
+
+INFOS: tuple[OptimInfo, ...] = (
+    OptimInfo("AdamWScheduleFree", ours.AdamWScheduleFree, _ADAMW_CONFIGS, error_inputs=_ADAMW_ERRORS,
+              published_factory=published.AdamWScheduleFree,
+              published_traps=_PRIMAL_TRAPS | {ACCEPTS_INVALID}),
+    OptimInfo("RAdamScheduleFree", ours.RAdamScheduleFree, _RADAM_CONFIGS, has_warmup=False,
+              error_inputs=_RADAM_ERRORS,
+              published_factory=published.RAdamScheduleFree,
+              published_traps=_PRIMAL_TRAPS | {ACCEPTS_INVALID}),
+    OptimInfo("SGDScheduleFree", ours.SGDScheduleFree, _SGD_CONFIGS, beta_key="momentum",
+              error_inputs=_SGD_ERRORS,
+              published_factory=published.SGDScheduleFree,
+              published_traps=_PRIMAL_TRAPS),
+    OptimInfo("AdamWScheduleFreeClosure", ours.AdamWScheduleFreeClosure, _ADAMW_CONFIGS, closure_form=True,
+              has_modes=False, error_inputs=_ADAMW_ERRORS,
+              published_factory=published.AdamWScheduleFreeClosure,
+              published_traps=_CLOSURE_TRAPS | {ACCEPTS_INVALID}),
+    OptimInfo("RAdamScheduleFreeClosure", ours.RAdamScheduleFreeClosure, _RADAM_CONFIGS, closure_form=True,
+              has_modes=False, has_warmup=False, error_inputs=_RADAM_ERRORS,
+              published_factory=published.RAdamScheduleFreeClosure,
+              published_traps=_CLOSURE_TRAPS | {ACCEPTS_INVALID}),
+    OptimInfo("SGDScheduleFreeClosure", ours.SGDScheduleFreeClosure, _SGD_CONFIGS, closure_form=True,
+              has_modes=False, beta_key="momentum", error_inputs=_SGD_ERRORS,
+              published_factory=published.SGDScheduleFreeClosure, published_traps=_CLOSURE_TRAPS),
+    OptimInfo("AdamWScheduleFreeReference", ours.AdamWScheduleFreeReference,
+              _ADAMW_CONFIGS + (dict(lr=0.01, weight_decay=0.05, warmup_steps=3, decay_at_z=True),),
+              honours_flags=False, error_inputs=_ADAMW_ERRORS,
+              published_factory=published.AdamWScheduleFreeReference,
+              published_traps=frozenset({STARTS_IN_EVAL, NEW_GROUP_WRONG_MODE, WRONG_EVAL_ERROR,
+                                         ACCEPTS_INVALID})),
+    OptimInfo("SGDScheduleFreeReference", ours.SGDScheduleFreeReference, _SGD_CONFIGS, beta_key="momentum",
+              honours_flags=False, error_inputs=_SGD_ERRORS,
+              published_factory=published.SGDScheduleFreeReference,
+              published_traps=frozenset({WRITES_GRAD, WRONG_EVAL_ERROR})),
+    OptimInfo("ScheduleFreeWrapper-SGD", _wrapper_factory(ours.ScheduleFreeWrapper, "sgd", published_form=False),
+              _WRAPPER_SGD_CONFIGS, beta_key="momentum", decay_key="weight_decay_at_y", has_warmup=False,
+              honours_flags=False, error_inputs=_WRAPPER_ERRORS,
+              published_factory=_wrapper_factory(published.ScheduleFreeWrapper, "sgd", published_form=True),
+              published_reads_group_decay=False, published_traps=_WRAPPER_TRAPS),
+    OptimInfo("ScheduleFreeWrapper-Adam", _wrapper_factory(ours.ScheduleFreeWrapper, "adam", published_form=False),
+              _WRAPPER_ADAM_CONFIGS, beta_key="momentum", decay_key="weight_decay_at_y", has_warmup=False,
+              honours_flags=False, error_inputs=_WRAPPER_ERRORS,
+              published_factory=_wrapper_factory(published.ScheduleFreeWrapper, "adam", published_form=True),
+              published_reads_group_decay=False, published_traps=_WRAPPER_TRAPS),
+)
+
+MODAL_INFOS = tuple(info for info in INFOS if info.has_modes)
+FLAG_INFOS = tuple(info for info in INFOS if info.honours_flags)
+
+
+def published_with(trap: str) -> tuple[OptimInfo, ...]:
+    """Records whose published counterpart exhibits ``trap``."""
+    return tuple(info for info in INFOS if trap in info.published_traps)
+
+
+# ----------------------------------------------------------------------------- driving
+def param_groups(info: OptimInfo, params: Sequence[torch.Tensor], config: dict[str, Any], *,
+                 group_decay: bool = True) -> list[dict[str, Any]]:
+    """The three-group layout of the module docstring over the tensors W1, b1, W2, b2.
+
+    Args:
+        group_decay: put the per-group weight decay on [W2] (off for classes that do not read it).
+    """
+    w1, b1, w2, b2 = params
+    lr = config["lr"]
+    second: dict[str, Any] = {"params": [w2], "lr": lr / 3}
+    third: dict[str, Any] = {"params": [b2], "lr": lr * 2}
+    if group_decay:
+        second[info.decay_key] = 0.05
+    if info.has_warmup:
+        third["warmup_steps"] = 7
+    return [{"params": [w1, b1]}, second, third]
+
+
+def loss_of(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Mean squared error; a model returning several outputs gets the sum of one loss per output."""
+    inputs, target = batch
+    out = model(inputs)
+    if isinstance(out, tuple):
+        return sum(F.mse_loss(o, target) for o in out)
+    return F.mse_loss(out, target)
+
+
+def train_step(info: OptimInfo, opt: Any, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor],
+               after_backward: Callable[[], None] | None = None) -> torch.Tensor:
+    """One step: zero grads, forward, backward, ``after_backward()``, step (through a closure if required)."""
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad(set_to_none=True)
+        loss = loss_of(model, batch)
+        loss.backward()
+        if after_backward is not None:
+            after_backward()
+        return loss
+
+    if info.closure_form:
+        return opt.step(closure)
+    loss = closure()
+    opt.step()
+    return loss
+
+
+def to_eval(info: OptimInfo, opt: Any) -> None:
+    """Put parameters at x (no-op for closure forms, whose parameters always hold x between steps)."""
+    if info.has_modes:
+        opt.eval()
+
+
+def to_train(info: OptimInfo, opt: Any) -> None:
+    """Put parameters at y (no-op for closure forms)."""
+    if info.has_modes:
+        opt.train()
+
+
+def run(info: OptimInfo, opt: Any, model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+        switch_every: int = 0) -> None:
+    """Train over ``batches``; every ``switch_every`` steps (0: never) call eval() then train()."""
+    for i, batch in enumerate(batches, start=1):
+        train_step(info, opt, model, batch)
+        if switch_every and i % switch_every == 0:
+            to_eval(info, opt)
+            to_train(info, opt)
+
+
+def snapshot(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """Detached clones."""
+    return [t.detach().clone() for t in tensors]
+
+
+# ----------------------------------------------------------------------------- comparisons
+def max_rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    """max |actual - expected| / max |expected| (in float64; 0 when both are zero)."""
+    a, e = actual.detach().double(), expected.detach().double()
+    scale = e.abs().max().item()
+    err = (a - e).abs().max().item()
+    return err / scale if scale > 0 else err
+
+
+def assert_rel_close(actual: Sequence[torch.Tensor], expected: Sequence[torch.Tensor], rtol: float,
+                     what: str) -> None:
+    """Every pair agrees to ``max_rel_err <= rtol`` (error relative to the tensor's largest entry)."""
+    assert len(actual) == len(expected), f"{what}: {len(actual)} tensors vs {len(expected)}"
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        err = max_rel_err(a, e)
+        assert err <= rtol, f"{what}[{i}]: max relative error {err:.3g} > {rtol:g}"
+
+
+def assert_bitwise_equal(actual: Any, expected: Any, where: str = "state_dict") -> None:
+    """Nested dicts/lists/tuples equal, tensors with ``torch.equal`` and the same dtype."""
+    if isinstance(expected, torch.Tensor):
+        assert isinstance(actual, torch.Tensor), f"{where}: {type(actual).__name__} is not a tensor"
+        assert actual.dtype == expected.dtype, f"{where}: dtype {actual.dtype} != {expected.dtype}"
+        assert torch.equal(actual, expected), f"{where}: tensors differ (max abs diff " \
+            f"{(actual.double() - expected.double()).abs().max().item():.3g})"
+    elif isinstance(expected, dict):
+        assert isinstance(actual, dict) and set(actual) == set(expected), \
+            f"{where}: keys {sorted(map(str, actual))} != {sorted(map(str, expected))}"
+        for key in expected:
+            assert_bitwise_equal(actual[key], expected[key], f"{where}[{key!r}]")
+    elif isinstance(expected, (list, tuple)):
+        assert isinstance(actual, (list, tuple)) and len(actual) == len(expected), f"{where}: length differs"
+        for i, (a, e) in enumerate(zip(actual, expected)):
+            assert_bitwise_equal(a, e, f"{where}[{i}]")
+    else:
+        assert actual == expected, f"{where}: {actual!r} != {expected!r}"
+
+
+def assert_same_run(model_a: nn.Module, opt_a: Optimizer, model_b: nn.Module, opt_b: Optimizer) -> None:
+    """Parameters and the whole optimizer state_dict are bitwise identical."""
+    for (name, a), b in zip(model_a.named_parameters(), model_b.parameters()):
+        assert torch.equal(a, b), f"parameter {name} differs (max abs diff {(a - b).abs().max().item():.3g})"
+    assert_bitwise_equal(opt_b.state_dict(), opt_a.state_dict())
