@@ -1,0 +1,246 @@
+"""Command line: ``python -m coord_checks`` (coordinate check) and ``python -m coord_checks transfer``.
+
+The check trains each example model in standard parametrization and in muP with the same
+schedule-free optimizer and base-width learning rate, writes the recording frame (CSV), the
+verdict table (CSV) and a figure (PNG) to the output folder, prints the verdict, and exits with 0
+when the muP run passes, 1 when it fails (the SP run is expected to fail: it is the contrast).
+
+The transfer sweep writes the sweep frame, the fitted optima (CSV) and a figure (PNG), and prints
+the optimum per width and its drift across widths.
+
+Bad arguments end with one ``error:`` line on stderr and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import NoReturn, Sequence
+
+import torch
+
+from coord_checks import experiments, plots, transfer, verdict
+from coord_checks.models import MODEL_NAMES
+from coord_checks.optimizers import OPTIMIZER_NAMES
+from coord_checks.recording import STATISTICS
+
+PROG = "python -m coord_checks"
+DEFAULT_OUT = "coord_check_out"
+_SEQUENCES = {"y": ("y",), "x": ("x",), "both": ("y", "x")}
+_N_HEADS = 4
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (``prog: error: message``), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive finite number, got {text}")
+    return value
+
+
+def _add_common(parser: argparse.ArgumentParser, models: Sequence[str], seeds: Sequence[int]) -> None:
+    parser.add_argument("--model", choices=models, default="mlp", help="example model (default: mlp)")
+    parser.add_argument("--optimizer", choices=OPTIMIZER_NAMES, default="adamw",
+                        help="schedule-free optimizer; muP uses its Mu* factory (default: adamw)")
+    parser.add_argument("--widths", type=_positive_int, nargs="+", metavar="W",
+                        help="model widths, at least two distinct (default: per model)")
+    parser.add_argument("--seeds", type=_non_negative_int, nargs="+", metavar="S", default=list(seeds),
+                        help=f"initialisation seeds (default: {' '.join(map(str, seeds))})")
+    parser.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
+                        help=f"output folder (default: ./{DEFAULT_OUT})")
+    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--threads", type=_positive_int, default=1,
+                        help="torch intra-op threads (default: 1; more help a little on an idle "
+                             "machine, but make these many tiny operations crawl when other "
+                             "processes compete for the cores)")
+
+
+def build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The parsers of the check (default command) and of the ``transfer`` subcommand.
+
+    Returns:
+        ``(check_parser, transfer_parser)``.
+    """
+    check = _OneLineParser(
+        prog=PROG,
+        description="Coordinate check of a schedule-free optimizer in standard parametrization vs "
+                    "muP. Run 'python -m coord_checks transfer --help' for the learning-rate sweep.",
+    )
+    _add_common(check, MODEL_NAMES, seeds=(0, 1, 2))
+    check.add_argument("--steps", type=_positive_int, help="recorded steps, step 1 = init "
+                       "(default: 4; 10 for radam)")
+    check.add_argument("--sequence", choices=tuple(_SEQUENCES), default="both",
+                       help="measure at the training point y, the evaluation point x, or both (default)")
+    check.add_argument("--lr", type=_positive_float, help="base-width learning rate (default: per optimizer)")
+    check.add_argument("--batches", choices=experiments.BATCH_MODES, default="fixed",
+                       help="one fixed batch or a new batch per step (default: fixed)")
+    check.add_argument("--statistic", choices=tuple(STATISTICS), default="l1",
+                       help="statistic to judge and plot (default: l1 = mean |x|)")
+
+    sweep = _OneLineParser(
+        prog=f"{PROG} transfer",
+        description="Learning-rate transfer sweep on standard-library text: loss at x after a "
+                    "fixed budget, per width and learning rate, in SP and in muP.",
+    )
+    _add_common(sweep, tuple(experiments.TRANSFER_WIDTHS), seeds=(0,))
+    sweep.add_argument("--steps", type=_positive_int, default=100, help="training steps per run (default: 100)")
+    sweep.add_argument("--lrs", type=_positive_float, nargs="+", metavar="LR",
+                       help="learning-rate grid (default: 9 points, one per octave, around the "
+                            "optimizer's default)")
+    return check, sweep
+
+
+def _check_widths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.widths is not None and len(set(args.widths)) < 2:
+        parser.error(f"argument --widths: need at least two distinct widths, got {args.widths}")
+    if args.model == "transformer" and args.widths is not None:
+        bad = [w for w in args.widths if w % _N_HEADS]
+        if bad:
+            parser.error(f"argument --widths: transformer widths must be multiples of {_N_HEADS} "
+                         f"(the head count), got {bad}")
+    if len(set(args.seeds)) != len(args.seeds):
+        parser.error(f"argument --seeds: seeds must be distinct, got {args.seeds}")
+
+
+def _check_device(parser: argparse.ArgumentParser, device: str) -> None:
+    try:
+        torch.device(device)
+    except RuntimeError:
+        parser.error(f"argument --device: not a torch device: {device!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"argument --device: {device!r} requested but CUDA is not available")
+
+
+def run_check(args: argparse.Namespace) -> int:
+    """Run the coordinate check described by parsed arguments.
+
+    Args:
+        args: namespace from the check parser.
+
+    Returns:
+        Exit status: 0 if the muP run passes, 1 if it fails.
+    """
+    start = time.perf_counter()
+    frame = experiments.run_coord_check(
+        model=args.model,
+        optimizer=args.optimizer,
+        widths=args.widths,
+        steps=args.steps,
+        seeds=args.seeds,
+        sequences=_SEQUENCES[args.sequence],
+        lr=args.lr,
+        batches=args.batches,
+        statistics=(args.statistic,),
+        device=args.device,
+        progress=True,
+    )
+    judged = verdict.judge(frame, statistic=args.statistic)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"coord_check_{args.model}_{args.optimizer}"
+    frame.to_csv(out / f"{stem}.csv", index=False)
+    judged.table.to_csv(out / f"{stem}_verdict.csv", index=False)
+    lr = args.lr if args.lr is not None else experiments.default_lr(args.model, args.optimizer)
+    title = (f"{args.model}, {args.optimizer} schedule-free, base-width lr {lr:g}: "
+             f"mean {args.statistic} of module outputs vs width (SP {judged.headline('sp')}, "
+             f"muP {judged.headline('mup')})")
+    plots.save_figure(plots.plot_coords(frame, statistic=args.statistic, title=title), out / f"{stem}.png")
+    print(judged.format())
+    print(f"\nwrote {stem}.csv, {stem}_verdict.csv and {stem}.png to {out.resolve()}/ "
+          f"in {time.perf_counter() - start:.1f} s")
+    return 0 if judged.passed("mup") else 1
+
+
+def run_transfer(args: argparse.Namespace) -> int:
+    """Run the learning-rate transfer sweep described by parsed arguments.
+
+    Args:
+        args: namespace from the transfer parser.
+
+    Returns:
+        Exit status 0.
+    """
+    start = time.perf_counter()
+    sweep = experiments.run_transfer(
+        model=args.model,
+        optimizer=args.optimizer,
+        widths=args.widths,
+        lrs=args.lrs,
+        seeds=args.seeds,
+        steps=args.steps,
+        device=args.device,
+        progress=True,
+    )
+    optima = transfer.fit_optima(sweep)
+    drift = transfer.optimum_drift(optima)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"transfer_{args.model}_{args.optimizer}"
+    sweep.to_csv(out / f"{stem}.csv", index=False)
+    optima.to_csv(out / f"{stem}_optima.csv", index=False)
+    title = (f"{args.model}, {args.optimizer} schedule-free, {args.steps} steps: held-out loss at x "
+             f"(stars: fitted optima)")
+    plots.save_figure(plots.plot_transfer(sweep, optima, title=title), out / f"{stem}.png")
+    fmt = {"grid_lr": "{:.3g}".format, "lr_opt": "{:.3g}".format, "log2_lr_opt": "{:.2f}".format,
+           "best_loss": "{:.3f}".format, "drift_octaves": "{:.2f}".format, "trend": "{:.2f}".format}
+    print("Optimal learning rate per width (parabola vertex in log2 lr around the grid minimum):")
+    print(optima.to_string(index=False, formatters=fmt))
+    print("\nDrift of the optimum across widths (octaves = factors of 2; trend = slope of log2 "
+          "lr_opt vs log2 width):")
+    print(drift.to_string(index=False, formatters=fmt))
+    print(f"\nwrote {stem}.csv, {stem}_optima.csv and {stem}.png to {out.resolve()}/ "
+          f"in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python -m coord_checks``.
+
+    Args:
+        argv: arguments without the program name (default ``sys.argv[1:]``). A first argument
+            ``transfer`` selects the sweep; ``check`` (or nothing) the coordinate check.
+
+    Returns:
+        The exit status.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    check_parser, transfer_parser = build_parsers()
+    command = argv[0] if argv and argv[0] in ("check", "transfer") else "check"
+    if argv and argv[0] in ("check", "transfer"):
+        argv = argv[1:]
+    parser = transfer_parser if command == "transfer" else check_parser
+    args = parser.parse_args(argv)
+    _check_widths(parser, args)
+    _check_device(parser, args.device)
+    torch.set_num_threads(args.threads)
+    return run_transfer(args) if command == "transfer" else run_check(args)

@@ -1,0 +1,208 @@
+"""Pictures of coordinate-check and transfer frames (matplotlib only, no global style changes).
+
+Every function builds its own ``matplotlib.figure.Figure`` (no pyplot state, no ``rcParams``
+writes), so it is safe to call from libraries, tests and headless machines alike; style tweaks are
+scoped with ``matplotlib.rc_context``.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence
+
+import matplotlib
+import matplotlib.lines
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+_STYLE = {"font.size": 8, "axes.titlesize": 8, "legend.fontsize": 7, "axes.grid": True,
+          "grid.alpha": 0.3}
+_PARAM_TITLES = {"sp": "standard parametrization (SP)", "mup": "muP"}
+_SEQUENCE_TITLES = {"y": "y (training point)", "x": "x (evaluation point)"}
+
+
+def pick_steps(steps: Sequence[int], max_panels: int) -> list[int]:
+    """Up to ``max_panels`` steps, evenly spread and always including the first and last.
+
+    Args:
+        steps: available steps.
+        max_panels: most steps to return (at least 1).
+
+    Returns:
+        Sorted distinct steps.
+
+    Raises:
+        ValueError: if ``max_panels < 1`` or ``steps`` is empty.
+    """
+    if max_panels < 1:
+        raise ValueError(f"max_panels must be at least 1, got {max_panels}")
+    ordered = sorted(set(int(s) for s in steps))
+    if not ordered:
+        raise ValueError("steps must not be empty")
+    if len(ordered) <= max_panels:
+        return ordered
+    picks = np.linspace(0, len(ordered) - 1, max_panels).round().astype(int)
+    return [ordered[i] for i in sorted(set(picks.tolist()))]
+
+
+def _ordered(values: pd.Series, preferred: Sequence[str]) -> list[str]:
+    present = list(dict.fromkeys(values))
+    return [v for v in preferred if v in present] + [v for v in present if v not in preferred]
+
+
+def plot_coords(
+    frame: pd.DataFrame,
+    statistic: str = "l1",
+    max_steps: int = 4,
+    title: str | None = None,
+) -> Figure:
+    """Coordinate-check figure: statistic against width, one line per module.
+
+    Layout: one block per parametrization side by side (SP left, muP right); inside each block a
+    row per sequence (y, then x) and a panel per step. Both axes are logarithmic (base 2 for
+    width); lines are the mean over seeds. Flat lines mean width-independent activations.
+
+    Args:
+        frame: a recording frame (``coord_checks.recording.COLUMNS``).
+        statistic: which statistic to draw.
+        max_steps: most step panels per row (steps are spread evenly, first and last kept).
+        title: figure title.
+
+    Returns:
+        The figure.
+
+    Raises:
+        ValueError: if the frame has no rows for ``statistic``.
+    """
+    rows = frame[frame["statistic"] == statistic]
+    if rows.empty:
+        raise ValueError(f"statistic {statistic!r} not in frame")
+    params = _ordered(rows["parametrization"], ("sp", "mup"))
+    sequences = _ordered(rows["sequence"], ("y", "x"))
+    steps = pick_steps(rows["step"].unique(), max_steps)
+    modules = list(dict.fromkeys(rows["module"]))
+    palette = matplotlib.colormaps["tab10" if len(modules) <= 10 else "tab20"]
+    n_colours = 10 if len(modules) <= 10 else 20
+    styles = {
+        m: {"color": palette(i % n_colours), "ls": ("-", "--", ":")[(i // n_colours) % 3]}
+        for i, m in enumerate(modules)
+    }
+    keys = ["parametrization", "sequence", "step", "module"]
+    means = rows.groupby([*keys, "width"], sort=False)["value"].mean()
+    curves = {
+        key: curve.droplevel(keys)
+        for key, curve in means.groupby(level=list(range(len(keys))), sort=False)
+    }
+
+    with matplotlib.rc_context(_STYLE):
+        legend_columns = 1 if len(modules) <= 24 else 2
+        legend_height = 0.16 * math.ceil(len(modules) / legend_columns) + 0.6
+        fig = Figure(
+            figsize=(2.1 * len(steps) * len(params) + 1.2 + 1.6 * legend_columns,
+                     max(2.0 * len(sequences) + 1.0, legend_height)),
+            layout="constrained",
+        )
+        subfigs = np.atleast_1d(fig.subfigures(1, len(params), wspace=0.03))
+        for subfig, param in zip(subfigs, params):
+            subfig.suptitle(_PARAM_TITLES.get(param, param), fontweight="bold")
+            axes = subfig.subplots(len(sequences), len(steps), sharex=True, sharey="row", squeeze=False)
+            for r, seq in enumerate(sequences):
+                for c, step in enumerate(steps):
+                    ax = axes[r, c]
+                    for module in modules:
+                        curve = curves.get((param, seq, step, module))
+                        if curve is None:
+                            continue
+                        ax.plot(curve.index, curve.to_numpy(), marker=".", lw=1.0, ms=3,
+                                label=module, **styles[module])
+                    ax.set_xscale("log", base=2)
+                    ax.set_yscale("log", nonpositive="mask")
+                    ax.set_title(f"{seq}, step {step}")
+                    if r == len(sequences) - 1:
+                        ax.set_xlabel("width")
+                    if c == 0:
+                        ax.set_ylabel(f"{_SEQUENCE_TITLES.get(seq, seq)}\nmean {statistic}")
+        handles = {m: matplotlib.lines.Line2D([], [], marker=".", lw=1.0, **styles[m])
+                   for m in modules}
+        fig.legend(handles.values(), handles.keys(), loc="outside right center",
+                   ncols=legend_columns, title="module")
+        if title:
+            fig.suptitle(title)
+    return fig
+
+
+def plot_transfer(
+    sweep: pd.DataFrame,
+    optima: pd.DataFrame | None = None,
+    loss: str = "eval_loss",
+    title: str | None = None,
+) -> Figure:
+    """Learning-rate transfer figure: loss against learning rate, one line per width.
+
+    One panel per parametrization (SP left, muP right), sharing the y axis. Lines are the mean
+    over seeds; diverged runs are left out. With ``optima`` (from ``fit_optima``) each width's
+    fitted optimum is marked with a star and a dotted vertical line.
+
+    Args:
+        sweep: a frame from ``coord_checks.transfer.sweep_learning_rates``.
+        optima: optional frame from ``coord_checks.transfer.fit_optima``.
+        loss: which loss column to draw.
+        title: figure title.
+
+    Returns:
+        The figure.
+    """
+    params = _ordered(sweep["parametrization"], ("sp", "mup"))
+    widths = sorted(sweep["width"].unique())
+    cmap = matplotlib.colormaps["viridis"]
+    colours = {w: cmap(0.85 * i / max(len(widths) - 1, 1)) for i, w in enumerate(widths)}
+    curves = sweep.groupby(["parametrization", "width", "lr"])[loss].mean()
+    finite = curves[np.isfinite(curves.to_numpy())]
+    low = float(finite.min()) if len(finite) else 0.0
+    high = float(finite.quantile(0.9)) if len(finite) else 1.0
+    span = max(high - low, 1e-3)
+
+    with matplotlib.rc_context(_STYLE):
+        fig = Figure(figsize=(4.2 * len(params) + 1.0, 3.4), layout="constrained")
+        axes = np.atleast_1d(fig.subplots(1, len(params), sharey=True))
+        for ax, param in zip(axes, params):
+            for width in widths:
+                if (param, width) not in curves.index:
+                    continue
+                curve = curves.loc[(param, width)]
+                ax.plot(curve.index, curve.to_numpy(), marker="o", ms=3, lw=1.2,
+                        color=colours[width], label=f"width {width}")
+                if optima is not None:
+                    match = optima[(optima["parametrization"] == param) & (optima["width"] == width)]
+                    for _, row in match.iterrows():
+                        ax.axvline(row["lr_opt"], color=colours[width], ls=":", lw=1.0)
+                        ax.plot([row["lr_opt"]], [row["best_loss"]], marker="*", ms=9,
+                                color=colours[width], mec="black", mew=0.5)
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("learning rate (base width)" if param == "mup" else "learning rate")
+            ax.set_title(_PARAM_TITLES.get(param, param), fontweight="bold")
+            ax.legend(loc="upper left")
+        axes[0].set_ylabel(f"{loss.replace('_', ' ')} at x")
+        axes[0].set_ylim(low - 0.05 * span, high + 0.25 * span)
+        if title:
+            fig.suptitle(title)
+    return fig
+
+
+def save_figure(fig: Figure, path: str | Path, dpi: int = 120) -> Path:
+    """Write a figure as PNG, creating the folder if needed.
+
+    Args:
+        fig: the figure.
+        path: file path (``.png``).
+        dpi: resolution.
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    return path
+

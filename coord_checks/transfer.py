@@ -1,0 +1,280 @@
+"""Learning-rate transfer: does the best learning rate at the small width stay best at the large one?
+
+``sweep_learning_rates`` trains one model per (width, learning rate, seed) for a fixed number of
+steps with a schedule-free optimizer (no learning-rate schedule) and evaluates the loss at the
+evaluation point x (``optimizer.eval()``) on held-out batches. ``fit_optima`` locates the optimum
+per width as the vertex of a parabola fitted to the seed-mean loss against log2(lr) around the
+grid minimum; ``optimum_drift`` reports how far that optimum moves across widths, in octaves
+(factors of two of the learning rate). Under muP the drift should be small; under standard
+parametrization with Adam-like optimizers the optimum moves to smaller rates as width grows.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from coord_checks.data import Batch
+from coord_checks.recording import check_widths, rng_devices
+
+logger = logging.getLogger(__name__)
+
+SWEEP_COLUMNS: tuple[str, ...] = (
+    "parametrization", "width", "lr", "log2_lr", "seed", "train_loss", "eval_loss", "diverged"
+)
+
+
+def lr_grid(center: float, octaves: int, points_per_octave: int = 1) -> list[float]:
+    """A log2-spaced learning-rate grid centred on ``center``.
+
+    Args:
+        center: the middle learning rate.
+        octaves: the grid spans ``center * 2**-octaves`` to ``center * 2**octaves``.
+        points_per_octave: grid points per factor of two.
+
+    Returns:
+        ``2 * octaves * points_per_octave + 1`` increasing learning rates.
+
+    Raises:
+        ValueError: for a non-positive ``center``, negative ``octaves`` or non-positive
+            ``points_per_octave``.
+    """
+    if not center > 0:
+        raise ValueError(f"center must be positive, got {center}")
+    if octaves < 0:
+        raise ValueError(f"octaves must be non-negative, got {octaves}")
+    if points_per_octave < 1:
+        raise ValueError(f"points_per_octave must be at least 1, got {points_per_octave}")
+    n = octaves * points_per_octave
+    return [center * 2.0 ** (i / points_per_octave) for i in range(-n, n + 1)]
+
+
+def train_and_evaluate(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train_batches: Sequence[Batch],
+    eval_batches: Sequence[Batch],
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    steps: int,
+) -> tuple[float, float]:
+    """Train for ``steps`` steps, then evaluate at the schedule-free x point.
+
+    The evaluation runs with ``model.eval()``: a model with BatchNorm needs its running
+    statistics recalibrated at x first (``mup_schedulefree.recalibrate_batchnorm``); the example
+    text models have none.
+
+    Args:
+        model: the network, on the batches' device.
+        optimizer: a schedule-free optimizer (train mode; ``eval()`` is called at the end).
+        train_batches: step ``t`` uses ``train_batches[t % len(train_batches)]``.
+        eval_batches: held-out batches, averaged at the end.
+        loss_fn: ``(model_output, targets) -> scalar loss``.
+        steps: optimizer steps.
+
+    Returns:
+        ``(train_loss, eval_loss)``: the mean training loss over the last quarter of the steps
+        and the held-out loss at x; both ``nan`` if training diverged (a non-finite loss).
+    """
+    model.train()
+    if hasattr(optimizer, "train"):
+        optimizer.train()
+    tail = max(1, steps // 4)
+    tail_losses = []
+    for step in range(steps):
+        inputs, targets = train_batches[step % len(train_batches)]
+        loss = loss_fn(model(inputs), targets)
+        if not torch.isfinite(loss):
+            return math.nan, math.nan
+        if step >= steps - tail:
+            tail_losses.append(loss.detach())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    if hasattr(optimizer, "eval"):
+        optimizer.eval()
+    model.eval()
+    with torch.no_grad():
+        eval_loss = torch.stack([loss_fn(model(x), y) for x, y in eval_batches]).mean()
+    train_loss = torch.stack(tail_losses).mean()
+    eval_value = float(eval_loss)
+    return float(train_loss), eval_value if math.isfinite(eval_value) else math.nan
+
+
+def sweep_learning_rates(
+    model_factory: Callable[[int], nn.Module],
+    optimizer_factory: Callable[[Iterable[nn.Parameter], float], torch.optim.Optimizer],
+    widths: Sequence[int],
+    lrs: Sequence[float],
+    train_batches: Sequence[Batch],
+    eval_batches: Sequence[Batch],
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    steps: int,
+    seeds: Sequence[int] = (0,),
+    device: str | torch.device = "cpu",
+    parametrization: str = "mup",
+    progress: bool = False,
+) -> pd.DataFrame:
+    """Train every (width, lr, seed) for a fixed budget and record the held-out loss at x.
+
+    Args:
+        model_factory: ``width -> model`` with base shapes set; the global generator is seeded
+            with ``torch.manual_seed(seed)`` before each call (and restored on return).
+        optimizer_factory: ``(params, lr) -> optimizer``.
+        widths: at least two distinct positive widths.
+        lrs: learning rates, ideally log2-spaced (see ``lr_grid``).
+        train_batches: training batches, cycled.
+        eval_batches: held-out batches.
+        loss_fn: ``(model_output, targets) -> scalar loss``.
+        steps: optimizer steps per run.
+        seeds: initialisation seeds.
+        device: where to train.
+        parametrization: label stored in the ``parametrization`` column.
+        progress: show a tqdm progress bar over runs (on a terminal).
+
+    Returns:
+        A DataFrame with columns ``SWEEP_COLUMNS`` (``diverged`` marks runs whose loss became
+        non-finite; their losses are ``nan``).
+
+    Raises:
+        ValueError: for bad widths, an empty or non-positive lr grid, ``steps < 1`` or missing
+            batches.
+    """
+    widths = check_widths(widths)
+    if not lrs or any(not lr > 0 for lr in lrs):
+        raise ValueError(f"lrs must be a non-empty list of positive rates, got {list(lrs)}")
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    if not train_batches or not eval_batches:
+        raise ValueError("train_batches and eval_batches must each hold at least one batch")
+    if not seeds:
+        raise ValueError("seeds must hold at least one seed")
+    device = torch.device(device)
+    train_batches = [(x.to(device), y.to(device)) for x, y in train_batches]
+    eval_batches = [(x.to(device), y.to(device)) for x, y in eval_batches]
+
+    records = []
+    runs = list(itertools.product(widths, lrs, seeds))
+    bar = tqdm(runs, desc=f"lr sweep [{parametrization}]", leave=False,
+               disable=None if progress else True)
+    with torch.random.fork_rng(devices=rng_devices(device)):
+        for width, lr, seed in bar:
+            torch.manual_seed(seed)
+            model = model_factory(width).to(device)
+            optimizer = optimizer_factory(model.parameters(), lr)
+            train_loss, eval_loss = train_and_evaluate(
+                model, optimizer, train_batches, eval_batches, loss_fn, steps
+            )
+            records.append((parametrization, width, lr, math.log2(lr), seed, train_loss,
+                            eval_loss, math.isnan(eval_loss)))
+    return pd.DataFrame(records, columns=list(SWEEP_COLUMNS))
+
+
+def parabola_vertex(log2_lrs: Sequence[float], losses: Sequence[float]) -> float:
+    """Vertex of the least-squares parabola through (log2 lr, loss) points.
+
+    Args:
+        log2_lrs: at least three abscissae.
+        losses: the matching losses.
+
+    Returns:
+        The abscissa of the minimum, clipped to the range of ``log2_lrs``; the abscissa of the
+        smallest loss if the fitted parabola does not open upwards.
+
+    Raises:
+        ValueError: with fewer than three points.
+    """
+    xs = np.asarray(log2_lrs, dtype=float)
+    ys = np.asarray(losses, dtype=float)
+    if len(xs) < 3:
+        raise ValueError(f"need at least three points for a parabola, got {len(xs)}")
+    a, b, _ = np.polyfit(xs, ys, 2)
+    if not a > 0:
+        return float(xs[np.argmin(ys)])
+    return float(np.clip(-b / (2 * a), xs.min(), xs.max()))
+
+
+def fit_optima(sweep: pd.DataFrame, half_window: int = 1, loss: str = "eval_loss") -> pd.DataFrame:
+    """Optimal learning rate per (parametrization, width) from a sweep frame.
+
+    The loss is averaged over seeds at each learning rate; diverged runs count as infinitely bad.
+    The parabola is fitted to the grid minimum and its ``half_window`` neighbours on each side
+    (fewer at the grid's edge or next to diverged points; with fewer than three finite points
+    the grid minimum itself is reported).
+
+    Args:
+        sweep: a frame from ``sweep_learning_rates``.
+        half_window: neighbours on each side of the grid minimum used in the fit.
+        loss: which loss column to use.
+
+    Returns:
+        One row per (parametrization, width): ``grid_lr`` (the grid minimum), ``log2_lr_opt`` and
+        ``lr_opt`` (the parabola vertex), ``best_loss`` and ``at_edge`` (True when the grid
+        minimum lies on the grid's first or last point, so the optimum may lie outside the grid).
+
+    Raises:
+        ValueError: if ``half_window < 1`` or a width has no finite loss.
+    """
+    if half_window < 1:
+        raise ValueError(f"half_window must be at least 1, got {half_window}")
+    records = []
+    for (param, width), rows in sweep.groupby(["parametrization", "width"], sort=False):
+        curve = rows.groupby("log2_lr")[loss].mean().sort_index()
+        finite = curve[np.isfinite(curve.to_numpy())]
+        if finite.empty:
+            raise ValueError(f"no finite {loss} for parametrization={param!r}, width={width}")
+        i = int(np.argmin(curve.fillna(np.inf).to_numpy()))
+        window = curve.iloc[max(0, i - half_window) : i + half_window + 1]
+        window = window[np.isfinite(window.to_numpy())]
+        log2_grid = float(curve.index[i])
+        vertex = parabola_vertex(window.index, window.to_numpy()) if len(window) >= 3 else log2_grid
+        at_edge = i in (0, len(curve) - 1)
+        if at_edge:
+            logger.warning("optimum for %s width %s is at the edge of the lr grid", param, width)
+        records.append(
+            {
+                "parametrization": param,
+                "width": width,
+                "grid_lr": 2.0**log2_grid,
+                "log2_lr_opt": vertex,
+                "lr_opt": 2.0**vertex,
+                "best_loss": float(curve.iloc[i]),
+                "at_edge": at_edge,
+            }
+        )
+    return pd.DataFrame(records)
+
+
+def optimum_drift(optima: pd.DataFrame) -> pd.DataFrame:
+    """How far the optimal learning rate moves across widths, per parametrization.
+
+    Args:
+        optima: a frame from ``fit_optima``.
+
+    Returns:
+        One row per parametrization: ``drift_octaves`` (max minus min of log2 lr_opt across
+        widths), ``trend`` (least-squares slope of log2 lr_opt against log2 width; about -1 means
+        the optimum halves whenever the width doubles), ``width_ratio`` (largest over smallest
+        width) and ``any_at_edge``.
+    """
+    records = []
+    for param, rows in optima.groupby("parametrization", sort=False):
+        log2_w = np.log2(rows["width"].to_numpy(dtype=float))
+        log2_lr = rows["log2_lr_opt"].to_numpy(dtype=float)
+        trend = float(np.polyfit(log2_w, log2_lr, 1)[0]) if len(rows) >= 2 else math.nan
+        records.append(
+            {
+                "parametrization": param,
+                "drift_octaves": float(log2_lr.max() - log2_lr.min()),
+                "trend": trend,
+                "width_ratio": float(rows["width"].max() / rows["width"].min()),
+                "any_at_edge": bool(rows["at_edge"].any()),
+            }
+        )
+    return pd.DataFrame(records)

@@ -1,0 +1,321 @@
+"""Judge a coordinate-check frame: do module statistics stay width-independent?
+
+For every (parametrization, sequence, module, step) the statistic is first averaged over seeds at
+each width; then
+
+    slope  = least-squares slope of log2(statistic) against log2(width)
+    spread = max over widths / min over widths
+
+A slope of 0 means the statistic does not change with width; a slope of 1 means it doubles every
+time the width doubles (the blow-up standard parametrization shows after one Adam step).
+
+Default judgement (``Thresholds``): *pass* when |slope| < 0.1 and spread < 1.5; *fail* when
+slope > 0.25 (or a value is not finite, or zero at some widths but not others); *warn* otherwise.
+The overall verdict fails when any judged row fails; warnings are reported but do not fail it.
+Growth is what muP exists to prevent, so only growth fails; a statistic that shrinks with width
+is a warning (under muP, for instance, the attention logits of a zero-initialised query stay close
+to zero for the first few steps and their early values shrink with width).
+At the initialisation step (step 1) the readout and the attention logits are not judged: under
+muP they legitimately shrink with width at init (or are exactly zero when zero-initialised). They
+get status ``init`` and are reported apart.
+
+Everything here is a pure function of the frame produced by ``coord_checks.recording``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+#: Substrings of module names that are not judged at the initialisation step.
+INIT_EXEMPT: tuple[str, ...] = ("readout", "attn_logits")
+GROUP_KEYS: tuple[str, ...] = ("parametrization", "sequence", "module", "step")
+_STATUS_RANK = {"fail": 3, "warn": 2, "pass": 1, "init": 0}
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Pass/fail limits on the width scaling of one statistic.
+
+    Attributes:
+        pass_slope: pass needs |slope| below this.
+        pass_spread: pass needs max/min across widths below this.
+        fail_slope: a slope above this fails.
+    """
+
+    pass_slope: float = 0.1
+    pass_spread: float = 1.5
+    fail_slope: float = 0.25
+
+    def __post_init__(self) -> None:
+        if not self.pass_slope > 0:
+            raise ValueError(f"pass_slope must be positive, got {self.pass_slope}")
+        if not self.pass_spread > 1:
+            raise ValueError(f"pass_spread must exceed 1, got {self.pass_spread}")
+        if not self.fail_slope >= self.pass_slope:
+            raise ValueError(
+                f"fail_slope must be at least pass_slope={self.pass_slope}, got {self.fail_slope}"
+            )
+
+
+def fit_width_scaling(values_by_width: pd.Series) -> tuple[float, float]:
+    """Slope of log2(value) against log2(width), and max/min spread, of one curve.
+
+    Args:
+        values_by_width: values indexed by width (at least two distinct widths).
+
+    Returns:
+        ``(slope, spread)``. A curve that is zero at every width gives ``(0.0, 1.0)``; a curve
+        with a non-finite or negative value, or zero at only some widths, gives ``(nan, inf)``.
+
+    Raises:
+        ValueError: with fewer than two distinct widths.
+    """
+    widths = np.asarray(values_by_width.index, dtype=float)
+    values = np.asarray(values_by_width.to_numpy(), dtype=float)
+    if len(np.unique(widths)) < 2:
+        raise ValueError(f"values_by_width needs at least two distinct widths, got {widths.tolist()}")
+    if not np.all(np.isfinite(values)) or np.any(values < 0):
+        return math.nan, math.inf
+    if np.all(values == 0):
+        return 0.0, 1.0
+    if np.any(values == 0):
+        return math.nan, math.inf
+    slope = float(np.polyfit(np.log2(widths), np.log2(values), 1)[0])
+    return slope, float(values.max() / values.min())
+
+
+def width_scaling(frame: pd.DataFrame, statistic: str = "l1") -> pd.DataFrame:
+    """Slope and spread across widths for every (parametrization, sequence, module, step).
+
+    Args:
+        frame: a recording frame (columns of ``coord_checks.recording.COLUMNS``).
+        statistic: which statistic to judge.
+
+    Returns:
+        One row per group with columns parametrization, sequence, module, step, slope, spread,
+        n_widths, in the frame's module order.
+
+    Raises:
+        ValueError: if the frame lacks columns or rows for ``statistic``.
+    """
+    missing = {*GROUP_KEYS, "width", "statistic", "value"} - set(frame.columns)
+    if missing:
+        raise ValueError(f"frame lacks columns {sorted(missing)}")
+    rows = frame[frame["statistic"] == statistic]
+    if rows.empty:
+        available = sorted(frame["statistic"].unique())
+        raise ValueError(f"statistic {statistic!r} not in frame; it holds {available}")
+    means = rows.groupby([*GROUP_KEYS, "width"], sort=False)["value"].mean()
+    records = []
+    for key, curve in means.groupby(level=list(range(len(GROUP_KEYS))), sort=False):
+        slope, spread = fit_width_scaling(curve.droplevel(list(range(len(GROUP_KEYS)))))
+        records.append((*key, slope, spread, curve.size))
+    return pd.DataFrame(records, columns=[*GROUP_KEYS, "slope", "spread", "n_widths"])
+
+
+def classify(
+    slope: float,
+    spread: float,
+    thresholds: Thresholds = Thresholds(),
+) -> str:
+    """Status of one curve: ``"pass"``, ``"warn"`` or ``"fail"``.
+
+    Args:
+        slope: log2-log2 slope against width.
+        spread: max/min across widths.
+        thresholds: the limits.
+
+    Returns:
+        ``"fail"`` if the slope is not finite or exceeds ``fail_slope``; ``"pass"`` if |slope| <
+        ``pass_slope`` and spread < ``pass_spread``; ``"warn"`` otherwise.
+    """
+    if not (math.isfinite(slope) and math.isfinite(spread)) or slope > thresholds.fail_slope:
+        return "fail"
+    if abs(slope) < thresholds.pass_slope and spread < thresholds.pass_spread:
+        return "pass"
+    return "warn"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The judged table of a coordinate check.
+
+    Attributes:
+        table: one row per (parametrization, sequence, module, step) with slope, spread,
+            n_widths and status (``pass``/``warn``/``fail``, or ``init`` for exempt rows).
+        statistic: the statistic judged.
+        thresholds: the limits used.
+    """
+
+    table: pd.DataFrame
+    statistic: str
+    thresholds: Thresholds
+
+    def _rows(self, parametrization: str | None, sequence: str | None) -> pd.DataFrame:
+        rows = self.table
+        if parametrization is not None:
+            rows = rows[rows["parametrization"] == parametrization]
+        if sequence is not None:
+            rows = rows[rows["sequence"] == sequence]
+        if rows.empty:
+            raise ValueError(
+                f"no rows for parametrization={parametrization!r}, sequence={sequence!r}"
+            )
+        return rows
+
+    def status(self, parametrization: str | None = None, sequence: str | None = None) -> str:
+        """Worst judged status of the selected rows.
+
+        Args:
+            parametrization: restrict to one parametrization label (default: all).
+            sequence: restrict to ``"y"`` or ``"x"`` (default: both).
+
+        Returns:
+            ``"fail"`` if any judged row fails, else ``"warn"`` if any warns, else ``"pass"``.
+        """
+        ranks = [_STATUS_RANK[s] for s in self._rows(parametrization, sequence)["status"]]
+        worst = max(ranks, default=_STATUS_RANK["pass"])
+        return {3: "fail", 2: "warn"}.get(worst, "pass")
+
+    def passed(self, parametrization: str | None = None, sequence: str | None = None) -> bool:
+        """The overall pass/fail: True unless a judged row of the selection fails.
+
+        Warnings (a statistic that shrinks with width, or grows by less than ``fail_slope``) do not
+        fail the check; they are listed by ``format`` and counted by ``summary``.
+
+        Args:
+            parametrization: restrict to one parametrization label (default: all).
+            sequence: restrict to ``"y"`` or ``"x"`` (default: both).
+
+        Returns:
+            Whether no judged row fails.
+        """
+        return self.status(parametrization, sequence) != "fail"
+
+    def headline(self, parametrization: str | None = None, sequence: str | None = None) -> str:
+        """One-word verdict of the selected rows, with the warning count.
+
+        Args:
+            parametrization: restrict to one parametrization label (default: all).
+            sequence: restrict to ``"y"`` or ``"x"`` (default: both).
+
+        Returns:
+            ``"PASS"``, ``"PASS (n warnings)"`` or ``"FAIL"``.
+        """
+        rows = self._rows(parametrization, sequence)
+        if not self.passed(parametrization, sequence):
+            return "FAIL"
+        warnings = int((rows["status"] == "warn").sum())
+        return f"PASS ({warnings} warning{'s' * (warnings != 1)})" if warnings else "PASS"
+
+    def summary(self) -> pd.DataFrame:
+        """Per (parametrization, sequence): verdict and counts of pass/warn/fail rows."""
+        records = []
+        for (param, seq), rows in self.table.groupby(["parametrization", "sequence"], sort=False):
+            counts = rows["status"].value_counts()
+            records.append(
+                {
+                    "parametrization": param,
+                    "sequence": seq,
+                    "verdict": self.headline(param, seq),
+                    **{s: int(counts.get(s, 0)) for s in ("pass", "warn", "fail")},
+                    "max |slope|": _max_abs(rows.loc[rows["status"] != "init", "slope"]),
+                }
+            )
+        return pd.DataFrame(records)
+
+    def worst(self, n: int = 3) -> pd.DataFrame:
+        """The ``n`` worst modules per (parametrization, sequence), each at its worst step.
+
+        Args:
+            n: modules to list per group.
+
+        Returns:
+            Rows of ``table`` ordered by status (fail, warn, pass) and then by |slope|.
+        """
+        judged = self.table[self.table["status"] != "init"].copy()
+        judged["_rank"] = judged["status"].map(_STATUS_RANK)
+        judged["_size"] = judged["slope"].abs().fillna(math.inf)
+        judged = judged.sort_values(["_rank", "_size"], ascending=False, kind="stable")
+        per_module = judged.drop_duplicates(["parametrization", "sequence", "module"])
+        top = per_module.groupby(["parametrization", "sequence"], sort=False).head(n)
+        return top.drop(columns=["_rank", "_size"]).reset_index(drop=True)
+
+    def at_init(self) -> pd.DataFrame:
+        """The exempt rows (readout and attention logits at the initialisation step)."""
+        return self.table[self.table["status"] == "init"].reset_index(drop=True)
+
+    def format(self, n_worst: int = 3) -> str:
+        """A readable report: overall verdict, per-group summary, worst modules, init rows.
+
+        Args:
+            n_worst: modules listed per (parametrization, sequence).
+
+        Returns:
+            Multi-line text.
+        """
+        t = self.thresholds
+        lines = [
+            "Coordinate check verdict: "
+            + ", ".join(f"{p} {self.headline(p)}" for p in self.table["parametrization"].unique()),
+            f"  statistic {self.statistic!r}; slope of log2(statistic) vs log2(width), spread = "
+            f"max/min over widths; pass: |slope| < {t.pass_slope:g} and spread < "
+            f"{t.pass_spread:g}; fail: slope > {t.fail_slope:g}; warn: anything between",
+            "",
+            _to_text(self.summary()),
+            "",
+            f"Worst modules (up to {n_worst} per parametrization and sequence, at their worst step):",
+            _to_text(self.worst(n_worst)),
+        ]
+        init = self.at_init()
+        if not init.empty:
+            lines += ["", "At initialisation (not judged; muP readout/attention logits shrink or are zero):",
+                      _to_text(init)]
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.format()
+
+
+def judge(
+    frame: pd.DataFrame,
+    statistic: str = "l1",
+    thresholds: Thresholds = Thresholds(),
+    init_exempt: Sequence[str] = INIT_EXEMPT,
+    init_step: int = 1,
+) -> Verdict:
+    """Judge a recording frame.
+
+    Args:
+        frame: a recording frame (columns of ``coord_checks.recording.COLUMNS``) with at least two
+            widths.
+        statistic: the statistic to judge (``"l1"``, mean absolute value, by default).
+        thresholds: pass/fail limits.
+        init_exempt: substrings of module names not judged at ``init_step``.
+        init_step: the step recorded at initialisation (1 in ``record_coords`` frames).
+
+    Returns:
+        A ``Verdict``.
+    """
+    table = width_scaling(frame, statistic)
+    status = [classify(s, r, thresholds) for s, r in zip(table["slope"], table["spread"])]
+    exempt = (table["step"] == init_step) & table["module"].map(
+        lambda name: any(pattern in name for pattern in init_exempt)
+    )
+    table["status"] = np.where(exempt, "init", status)
+    return Verdict(table=table, statistic=statistic, thresholds=thresholds)
+
+
+def _max_abs(values: pd.Series) -> float:
+    values = values.abs()
+    return math.inf if values.isna().any() else float(values.max()) if len(values) else math.nan
+
+
+def _to_text(frame: pd.DataFrame) -> str:
+    if frame.empty:
+        return "  (none)"
+    return frame.to_string(index=False, float_format=lambda v: f"{v:.3f}")
