@@ -24,7 +24,7 @@ def workload(name: str) -> list[tuple[int, ...]]:
 
     Args:
         name: "16x1M" (16 tensors of 2^20 floats) or "transformer" (12 blocks of a d=512 model with
-            embeddings and an untied readout: 151 tensors of mixed sizes, 46.7M parameters).
+            embeddings and an untied readout with bias: 150 tensors of mixed sizes, 46.8M parameters).
 
     Returns:
         The list of shapes.
@@ -36,7 +36,7 @@ def workload(name: str) -> list[tuple[int, ...]]:
         shapes: list[tuple[int, ...]] = [(vocab, d), (1024, d)]
         for _ in range(blocks):
             shapes += [(d,), (d,), (3 * d, d), (3 * d,), (d, d), (d,), (d,), (d,), (4 * d, d), (4 * d,), (d, 4 * d), (d,)]
-        return shapes + [(d,), (d,), (vocab, d)]
+        return shapes + [(d,), (d,), (vocab, d), (vocab,)]
     raise ValueError(f"Invalid workload: {name!r} (choose 16x1M or transformer)")
 
 
