@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from coord_checks import data
+from coord_checks.choices import check_choice
 from coord_checks.models import MODEL_NAMES, PARAMETRIZATIONS, build_model
 from coord_checks.optimizers import DEFAULT_LRS, check_optimizer_name, optimizer_factory
 from coord_checks.recording import record_coords
@@ -62,9 +63,7 @@ def check_model_name(model: str) -> str:
     Raises:
         ValueError: for any other name.
     """
-    if model not in MODEL_NAMES:
-        raise ValueError(f"model must be one of {MODEL_NAMES}, got {model!r}")
-    return model
+    return check_choice("model", model, MODEL_NAMES)
 
 
 def default_lr(model: str, optimizer: str) -> float:

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from coord_checks.choices import check_choice
 from coord_checks.data import VOCAB_SIZE
 
 PARAMETRIZATIONS: tuple[str, ...] = ("mup", "sp")
@@ -57,11 +58,7 @@ def check_parametrization(parametrization: str) -> str:
     Raises:
         ValueError: for any other name.
     """
-    if parametrization not in PARAMETRIZATIONS:
-        raise ValueError(
-            f"parametrization must be one of {PARAMETRIZATIONS}, got {parametrization!r}"
-        )
-    return parametrization
+    return check_choice("parametrization", parametrization, PARAMETRIZATIONS)
 
 
 def _readout(width: int, d_out: int, parametrization: str, bias: bool = True) -> nn.Linear:

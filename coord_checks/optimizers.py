@@ -17,6 +17,7 @@ import mup_schedulefree as msf
 import torch
 from torch import nn
 
+from coord_checks.choices import check_choice
 from coord_checks.models import check_parametrization
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
@@ -41,9 +42,7 @@ def check_optimizer_name(name: str) -> str:
     Raises:
         ValueError: for any other name.
     """
-    if name not in OPTIMIZER_NAMES:
-        raise ValueError(f"optimizer must be one of {OPTIMIZER_NAMES}, got {name!r}")
-    return name
+    return check_choice("optimizer", name, OPTIMIZER_NAMES)
 
 
 def optimizer_factory(
