@@ -218,6 +218,7 @@ def transient_memory(shapes_by_workload: dict[str, list[tuple[int, ...]]], threa
 
 
 def main() -> None:
+    """Run every workload and print times, ratios, build cost and memory."""
     torch.set_num_threads(ARGS.threads)
     shapes_by_workload = workloads()
     if ARGS.memory_child:

@@ -35,6 +35,7 @@ class _OneLineParser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line (``prog: error: message``), exit status 2."""
 
     def error(self, message: str) -> NoReturn:
+        """Print ``prog: error: message`` on one line and exit with status 2."""
         self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 

@@ -88,6 +88,7 @@ class MLP(nn.Module):
         self.readout = _readout(width, d_out, parametrization, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
+        """Logits over the vocabulary for one-hot character contexts."""
         h = F.relu(self.input(x))
         for layer in self.hidden:
             h = F.relu(layer(h))
@@ -116,6 +117,7 @@ class SmallCNN(nn.Module):
         self.readout = _readout(width, n_classes, parametrization)
 
     def forward(self, x: Tensor) -> Tensor:
+        """Class logits for a batch of images."""
         h = F.relu(self.bn1(self.conv1(x)))
         h = F.relu(self.bn2(self.conv2(h)))
         return self.readout(h.mean(dim=(2, 3)))
@@ -150,6 +152,7 @@ class CausalSelfAttention(nn.Module):
             self.scale = 1.0 / math.sqrt(self.head_dim)
 
     def forward(self, x: Tensor) -> Tensor:
+        """Causal self-attention over a batch of sequences (logits pass through the attn_logits identity, for recording)."""
         batch, seq, d_model = x.shape
 
         def heads(t: Tensor) -> Tensor:
@@ -172,6 +175,7 @@ class FeedForward(nn.Module):
         self.proj = nn.Linear(4 * d_model, d_model, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
+        """The position-wise MLP of a block."""
         return self.proj(F.gelu(self.fc(x)))
 
 
@@ -186,6 +190,7 @@ class Block(nn.Module):
         self.mlp = FeedForward(d_model)
 
     def forward(self, x: Tensor) -> Tensor:
+        """Pre-LayerNorm residual block: attention then feed-forward."""
         x = x + self.attn(self.ln1(x))
         return x + self.mlp(self.ln2(x))
 
@@ -225,6 +230,7 @@ class GPT(nn.Module):
         self.readout = _readout(width, vocab_size, parametrization, bias=False)
 
     def forward(self, tokens: Tensor) -> Tensor:
+        """Next-character logits for every position of a batch of token sequences."""
         positions = torch.arange(tokens.shape[1], device=tokens.device)
         h = self.tok_emb(tokens) + self.pos_emb(positions)
         for block in self.blocks:
