@@ -302,8 +302,24 @@ class ScheduleFreeCore(Optimizer):
                     self.state[p][key] = value.to(device=p.device, dtype=value.dtype, copy=True)
 
 
-class PrimalForm(ScheduleFreeCore):
-    """Parameters hold y while training and x in eval mode; ``train()``/``eval()`` switch."""
+def eval_mode_error(optimizer_name: str) -> RuntimeError:
+    """The error of a training step taken in eval mode, the same for every optimizer of the package.
+
+    Args:
+        optimizer_name: class name shown in the message.
+    """
+    return RuntimeError(
+        f"{optimizer_name}.step() was called in eval mode: call optimizer.train() "
+        "before training steps (and optimizer.eval() before evaluating or saving)."
+    )
+
+
+class ModalForm(ScheduleFreeCore):
+    """Train/eval mode kept in every group (so state_dict carries it); a new optimizer trains.
+
+    Subclasses define ``_switch(to_train)``, which moves the parameters of groups whose mode
+    differs and records the new mode.
+    """
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group; it is validated first and joins the optimizer's current mode.
@@ -320,13 +336,7 @@ class PrimalForm(ScheduleFreeCore):
         return all(group["train_mode"] for group in self.param_groups)
 
     def _switch(self, to_train: bool) -> None:
-        for group in self.param_groups:
-            if group["train_mode"] == to_train:
-                continue
-            beta = self._beta(group)
-            weight = 1.0 - beta if to_train else 1.0 - 1.0 / beta
-            self._move_points(group, [p for p in group["params"] if "z" in self.state[p]], weight)
-            group["train_mode"] = to_train
+        raise NotImplementedError
 
     @torch.no_grad()
     def train(self) -> None:
@@ -338,6 +348,30 @@ class PrimalForm(ScheduleFreeCore):
         """Put the parameters at the averaged point x, for evaluation and checkpointing (idempotent)."""
         self._switch(False)
 
+    def _begin_step(self, closure: Callable[[], Any] | None) -> Any:
+        """Refuse a step outside train mode, evaluate the closure, share this step's lr ratios."""
+        if not self.train_mode:
+            raise eval_mode_error(type(self).__name__)
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        share_lr_ratios(self.param_groups)
+        return loss
+
+
+class PrimalForm(ModalForm):
+    """Parameters hold y while training and x in eval mode; ``train()``/``eval()`` interpolate."""
+
+    def _switch(self, to_train: bool) -> None:
+        for group in self.param_groups:
+            if group["train_mode"] == to_train:
+                continue
+            beta = self._beta(group)
+            weight = 1.0 - beta if to_train else 1.0 - 1.0 / beta
+            self._move_points(group, [p for p in group["params"] if "z" in self.state[p]], weight)
+            group["train_mode"] = to_train
+
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Take one optimization step at the training point.
@@ -348,16 +382,7 @@ class PrimalForm(ScheduleFreeCore):
         Returns:
             The closure's loss, or None.
         """
-        if not self.train_mode:
-            raise RuntimeError(
-                f"{type(self).__name__}.step() was called in eval mode: call optimizer.train() "
-                "before training steps (and optimizer.eval() before evaluating or saving)."
-            )
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        share_lr_ratios(self.param_groups)
+        loss = self._begin_step(closure)
         for group in self.param_groups:
             self._step_group(group, [p for p in group["params"] if p.grad is not None], closure_form=False)
         return loss

@@ -12,38 +12,16 @@ import torch
 
 from ..schedule import warmup_multiplier
 from .adamw import AdamWRule
-from .base import ScheduleFreeCore, advance_schedule, share_lr_ratios
+from .base import ModalForm, advance_schedule
 from .sgd import SGDRule
 
 
-class _ReferenceForm(ScheduleFreeCore):
-    """Stores x, y, z for every parameter; the parameter holds y (train) or x (eval)."""
+class _ReferenceForm(ModalForm):
+    """Stores x, y, z for every parameter; the parameter holds y (train) or x (eval), and mode
+    switches copy the stored point in."""
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group; it is validated first and joins the optimizer's current mode.
-
-        Args:
-            param_group: dict with ``params`` and optional per-group hyperparameters.
-        """
-        mode = self.param_groups[0]["train_mode"] if self.param_groups else True
-        super().add_param_group({**param_group, "train_mode": mode})
-
-    @property
-    def train_mode(self) -> bool:
-        """True when parameters hold y, False when they hold x."""
-        return all(group["train_mode"] for group in self.param_groups)
-
-    @torch.no_grad()
-    def train(self) -> None:
-        """Copy the stored y into every parameter that has state."""
-        self._set_mode(True, "y")
-
-    @torch.no_grad()
-    def eval(self) -> None:
-        """Copy the stored x into every parameter that has state."""
-        self._set_mode(False, "x")
-
-    def _set_mode(self, to_train: bool, key: str) -> None:
+    def _switch(self, to_train: bool) -> None:
+        key = "y" if to_train else "x"
         for group in self.param_groups:
             if group["train_mode"] != to_train:
                 for p in group["params"]:
@@ -65,13 +43,7 @@ class _ReferenceForm(ScheduleFreeCore):
         Returns:
             The closure's loss, or None.
         """
-        if not self.train_mode:
-            raise RuntimeError(f"{type(self).__name__}.step() was called in eval mode: call optimizer.train() first.")
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        share_lr_ratios(self.param_groups)
+        loss = self._begin_step(closure)
         for group in self.param_groups:
             k = group["k"]
             lr, ckp1 = advance_schedule(group, warmup_multiplier(k, group["warmup_steps"]))

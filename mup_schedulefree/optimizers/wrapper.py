@@ -20,7 +20,7 @@ import torch
 from torch.optim import Optimizer
 
 from .. import kernels
-from .base import SCHEDULE_DEFAULTS, advance_schedule, check_range, share_lr_ratios
+from .base import SCHEDULE_DEFAULTS, advance_schedule, check_range, eval_mode_error, share_lr_ratios
 
 PREFIX = "sf_"
 
@@ -123,8 +123,7 @@ class ScheduleFreeWrapper(Optimizer):
             The closure's loss, or None.
         """
         if not self.train_mode:
-            raise RuntimeError("ScheduleFreeWrapper.step() was called in eval mode: call optimizer.train() "
-                               "before training steps (and optimizer.eval() before evaluating or saving).")
+            raise eval_mode_error(type(self).__name__)
         loss = None
         if closure is not None:
             with torch.enable_grad():
