@@ -17,6 +17,9 @@ which, written on y and z only (x never stored), is
 direction(g) is g for SGD, and g / (sqrt(v / bias_correction2) + eps) for Adam, with the second
 moment v = beta2 v + (1 - beta2) g^2 updated first.
 
+``wrapper_enter_``/``wrapper_exit_`` are the passes ScheduleFreeWrapper runs around its base
+optimizer's step (see optimizers/wrapper.py for their math).
+
 Every function here updates its tensors in place and only reads the gradients. Each has an eager
 implementation built from torch's ``_foreach`` operations; with ``foreach=False`` it runs the
 same operations one tensor at a time, which is faster on CPU (no list-sized temporaries).
@@ -49,15 +52,19 @@ def _native():
     return native if native.available() else None
 
 
-def _fused_split(native, lists: Sequence[Tensors]) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]]:
-    """Split parallel lists into (native-supported, rest) by whether every tensor of an index is supported."""
-    fast: list[list[torch.Tensor]] = [[] for _ in lists]
-    rest: list[list[torch.Tensor]] = [[] for _ in lists]
-    for items in zip(*lists):
-        target = fast if all(native.supports(t) for t in items) else rest
-        for column, t in zip(target, items):
-            column.append(t)
-    return fast, rest
+def _dispatch(native_name: str, eager: Callable[..., None], lists: Sequence[Tensors], scalars: dict[str, float],
+              foreach: bool, fused: bool, native_scalars: dict[str, float] | None = None) -> None:
+    """Run ``native.<native_name>`` on the supported tensors when ``fused``, and ``eager`` on the rest.
+
+    ``native_scalars`` (default: ``scalars``) are the keyword arguments of the native function.
+    """
+    lib = _native() if fused else None
+    if lib is not None:
+        fast, lists = lib.split_supported(lists)
+        if fast[0]:
+            getattr(lib, native_name)(*fast, **(scalars if native_scalars is None else native_scalars))
+    if lists[0]:
+        _batched(eager, lists, foreach, **scalars)
 
 
 def _direction_adam(
@@ -153,15 +160,9 @@ def adam_step_(
     """
     scalars = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, ckp1=ckp1,
                    bias_correction2=bias_correction2, adaptive=adaptive, closure_form=closure_form)
-    lists = [ys, grads, zs, exp_avg_sqs]
-    lib = _native() if fused else None
-    if lib is not None:
-        fast, lists = _fused_split(lib, lists)
-        if fast[0]:
-            kernel = lib.adam_sf_closure_step_ if closure_form else lib.adam_sf_step_
-            kernel(*fast, **{k: v for k, v in scalars.items() if k != "closure_form"})
-    if lists[0]:
-        _batched(_eager_adam, lists, foreach, **scalars)
+    native_name = "adam_sf_closure_step_" if closure_form else "adam_sf_step_"
+    _dispatch(native_name, _eager_adam, [ys, grads, zs, exp_avg_sqs], scalars, foreach, fused,
+              native_scalars={k: v for k, v in scalars.items() if k != "closure_form"})
 
 
 def sgd_step_(
@@ -192,15 +193,13 @@ def sgd_step_(
         fused: use the native single-pass kernel for supported (CPU float32 contiguous) tensors.
     """
     scalars = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, ckp1=ckp1, closure_form=closure_form)
-    lists = [ys, grads, zs]
-    lib = _native() if fused else None
-    if lib is not None:
-        fast, lists = _fused_split(lib, lists)
-        if fast[0]:
-            kernel = lib.sgd_sf_closure_step_ if closure_form else lib.sgd_sf_step_
-            kernel(*fast, **{k: v for k, v in scalars.items() if k != "closure_form"})
-    if lists[0]:
-        _batched(_eager_sgd, lists, foreach, **scalars)
+    native_name = "sgd_sf_closure_step_" if closure_form else "sgd_sf_step_"
+    _dispatch(native_name, _eager_sgd, [ys, grads, zs], scalars, foreach, fused,
+              native_scalars={k: v for k, v in scalars.items() if k != "closure_form"})
+
+
+def _eager_lerp(starts, ends, *, weight) -> None:
+    torch._foreach_lerp_(starts, ends, weight)
 
 
 def lerp_(starts: Tensors, ends: Tensors, weight: float, *, foreach: bool = False, fused: bool = False) -> None:
@@ -213,14 +212,60 @@ def lerp_(starts: Tensors, ends: Tensors, weight: float, *, foreach: bool = Fals
         foreach: use one ``_foreach_lerp_`` over the lists.
         fused: use the native kernel for supported tensors.
     """
-    lists = [starts, ends]
-    lib = _native() if fused else None
-    if lib is not None:
-        fast, lists = _fused_split(lib, lists)
-        if fast[0]:
-            lib.lerp_(*fast, weight=weight)
-    if lists[0]:
-        _batched(lambda a, b, weight: torch._foreach_lerp_(a, b, weight), lists, foreach, weight=weight)
+    _dispatch("lerp_", _eager_lerp, [starts, ends], dict(weight=weight), foreach, fused)
+
+
+def _eager_wrapper_enter(params, zs, *, decay, y_scale, to_x) -> None:
+    if decay != 0.0:
+        torch._foreach_sub_(zs, params, alpha=decay)
+        torch._foreach_mul_(params, y_scale)
+    xs = torch._foreach_lerp(params, zs, to_x)
+    torch._foreach_copy_(params, zs)
+    torch._foreach_copy_(zs, xs)
+
+
+def _eager_wrapper_exit(params, zs, *, ckp1, to_y) -> None:
+    torch._foreach_lerp_(zs, params, ckp1)
+    ys = torch._foreach_lerp(zs, params, to_y)
+    torch._foreach_copy_(zs, params)
+    torch._foreach_copy_(params, ys)
+
+
+def wrapper_enter_(params: Tensors, zs: Tensors, *, decay: float, momentum: float, foreach: bool = False,
+                   fused: bool = False) -> None:
+    """ScheduleFreeWrapper, before the base step: put z in the parameters and keep x in the z slots.
+
+    With d = decay:  z <- z - d y;  y <- (1 - d (1 - momentum)) y   (decay taken at y, if d != 0)
+    then  x <- lerp(y, z, 1 - 1/momentum);  p <- z;  zslot <- x.
+
+    Args:
+        params: parameters holding y; hold z on return, for the base optimizer to update.
+        zs: the wrapper's z slots; hold x on return.
+        decay: lr times the decay coefficient taken at y.
+        momentum: interpolation y = (1 - momentum) z + momentum x.
+        foreach: use list-wide ``_foreach`` operations instead of a per-tensor loop.
+        fused: use the native single-pass kernel for supported tensors (no temporaries).
+    """
+    scalars = dict(decay=decay, y_scale=1.0 - decay * (1.0 - momentum), to_x=1.0 - 1.0 / momentum)
+    _dispatch("wrapper_enter_", _eager_wrapper_enter, [params, zs], scalars, foreach, fused)
+
+
+def wrapper_exit_(params: Tensors, zs: Tensors, *, ckp1: float, momentum: float, foreach: bool = False,
+                  fused: bool = False) -> None:
+    """ScheduleFreeWrapper, after the base step: average z into x, form y, and put z back.
+
+    x <- lerp(x, z, ckp1);  y <- lerp(x, z, 1 - momentum);  p <- y;  zslot <- z.
+
+    Args:
+        params: parameters holding the base optimizer's new z; hold y on return.
+        zs: the wrapper's z slots holding x; hold z on return.
+        ckp1: averaging weight of the new z into x.
+        momentum: interpolation y = (1 - momentum) z + momentum x.
+        foreach: use list-wide ``_foreach`` operations instead of a per-tensor loop.
+        fused: use the native single-pass kernel for supported tensors (no temporaries).
+    """
+    _dispatch("wrapper_exit_", _eager_wrapper_exit, [params, zs], dict(ckp1=ckp1, to_y=1.0 - momentum),
+              foreach, fused)
 
 
 def group_by_device_and_dtype(lists: Sequence[Tensors]) -> list[list[list[torch.Tensor]]]:
@@ -232,6 +277,10 @@ def group_by_device_and_dtype(lists: Sequence[Tensors]) -> list[list[list[torch.
     Returns:
         One entry per (device, dtype) of ``lists[0]``, each a list of parallel sub-lists.
     """
+    if lists[0]:
+        device, dtype = lists[0][0].device, lists[0][0].dtype
+        if all(t.device == device and t.dtype is dtype for t in lists[0]):  # the common case, one bucket
+            return [[list(column) for column in lists]]
     buckets: dict[tuple[torch.device, torch.dtype], list[list[torch.Tensor]]] = defaultdict(
         lambda: [[] for _ in lists]
     )
@@ -240,16 +289,3 @@ def group_by_device_and_dtype(lists: Sequence[Tensors]) -> list[list[list[torch.
         for column, t in zip(bucket, items):
             column.append(t)
     return list(buckets.values())
-
-
-def swap_(a: Tensors, b: Tensors) -> None:
-    """Exchange the contents of two parallel tensor lists in place (storage stays where it is).
-
-    Args:
-        a: first list; ends up holding what ``b`` held.
-        b: second list; ends up holding what ``a`` held.
-    """
-    for s, t in zip(a, b):
-        held = s.clone()
-        s.copy_(t)
-        t.copy_(held)

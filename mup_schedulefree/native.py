@@ -66,6 +66,8 @@ _SIGNATURES = {
     "sf_sgd_step_f32": (_P, _P, _P) + _N + (_D,) * 4 + (_I,),
     "sf_sgd_closure_step_f32": (_P, _P, _P) + _N + (_D,) * 4 + (_I,),
     "sf_lerp_f32": (_P, _P) + _N + (_D, _I),
+    "sf_wrapper_enter_f32": (_P, _P) + _N + (_D,) * 3 + (_I,),
+    "sf_wrapper_exit_f32": (_P, _P) + _N + (_D,) * 2 + (_I,),
 }
 
 _lock = threading.Lock()
@@ -194,16 +196,27 @@ def supports(t: torch.Tensor) -> bool:
             and t.is_contiguous() and not t.is_neg())
 
 
-def unsupported(*lists: Tensors) -> list[int]:
-    """Indices at which some tensor of the parallel ``lists`` is not supported.
+class _Checked(list):
+    """A list whose tensors ``split_supported`` has already checked with ``supports``."""
+
+
+def split_supported(lists: Sequence[Tensors]) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]]:
+    """Split parallel lists into (supported, rest) by whether every tensor of an index is supported.
 
     Args:
         lists: parallel lists of tensors, as passed to one of the step functions.
 
     Returns:
-        Sorted indices that must take the eager path instead.
+        Two lists of parallel lists: the indices the native functions can take (marked as checked, so
+        they are not checked again) and the indices that must take the eager path.
     """
-    return [i for i, items in enumerate(zip(*lists)) if not all(supports(t) for t in items)]
+    fast: list[list[torch.Tensor]] = [_Checked() for _ in lists]
+    rest: list[list[torch.Tensor]] = [[] for _ in lists]
+    for items in zip(*lists):
+        target = fast if all(supports(t) for t in items) else rest
+        for column, t in zip(target, items):
+            column.append(t)
+    return fast, rest
 
 
 def _pointers(names: tuple[str, ...], lists: tuple[Tensors, ...]) -> tuple[list[array.array], array.array]:
@@ -212,7 +225,7 @@ def _pointers(names: tuple[str, ...], lists: tuple[Tensors, ...]) -> tuple[list[
     for name, ts in zip(names, lists):
         if len(ts) != count:
             raise ValueError(f"{name} has {len(ts)} tensors, expected {count} like {names[0]}")
-        for i, t in enumerate(ts):
+        for i, t in enumerate(() if isinstance(ts, _Checked) else ts):
             if not supports(t):
                 raise TypeError(f"{name}[{i}] is not a contiguous CPU float32 tensor "
                                 f"(got {type(t).__name__}, {t.dtype}, {t.device}); check supports() first")
@@ -223,11 +236,12 @@ def _pointers(names: tuple[str, ...], lists: tuple[Tensors, ...]) -> tuple[list[
     return [array.array("Q", [t.data_ptr() for t in ts]) for ts in lists], numels
 
 
-def _call(fn_name: str, names: tuple[str, ...], lists: tuple[Tensors, ...], *scalars: float | int) -> None:
+def _call(fn_name: str, names: tuple[str, ...], lists: tuple[Tensors, ...], *scalars: float | int,
+          read_only: tuple[int, ...] = (1,)) -> None:
     """Check the lists, run one native function over all of them, and bump the written tensors' versions.
 
-    The second list (gradients, lerp ends) is read only in every kernel; the others are written, which
-    autograd is told as torch's own in-place operations would tell it.
+    ``read_only`` names the lists the kernel only reads (gradients, lerp ends); the others are written,
+    which autograd is told as torch's own in-place operations would tell it.
     """
     lib = _library()
     if lib is None:
@@ -240,7 +254,7 @@ def _call(fn_name: str, names: tuple[str, ...], lists: tuple[Tensors, ...], *sca
     if status != 0:
         raise MemoryError(f"{fn_name} could not allocate its work plan for {len(numels)} tensors")
     for i, ts in enumerate(lists):
-        if i != 1:
+        if i not in read_only:
             increment_version(ts)
 
 
@@ -366,3 +380,32 @@ def lerp_(starts: Tensors, ends: Tensors, weight: float) -> None:
         weight: interpolation weight (may lie outside [0, 1]).
     """
     _call("sf_lerp_f32", ("starts", "ends"), (starts, ends), weight)
+
+
+def wrapper_enter_(params: Tensors, zs: Tensors, *, decay: float, y_scale: float, to_x: float) -> None:
+    """ScheduleFreeWrapper before the base step: the parameters take z, the z slots take x.
+
+    If decay != 0: z = z - decay y and y = y y_scale first. Then x = lerp(y, z, to_x); p = z; zslot = x.
+
+    Args:
+        params: parameters holding y; hold z on return.
+        zs: the wrapper's z slots; hold x on return.
+        decay: lr times the decay taken at y.
+        y_scale: factor applied to y with the decay, 1 - decay (1 - momentum).
+        to_x: weight 1 - 1/momentum that moves y to x.
+    """
+    _call("sf_wrapper_enter_f32", ("params", "zs"), (params, zs), decay, y_scale, to_x, read_only=())
+
+
+def wrapper_exit_(params: Tensors, zs: Tensors, *, ckp1: float, to_y: float) -> None:
+    """ScheduleFreeWrapper after the base step: average, move to y, and put z back in its slot.
+
+    x = lerp(x, z, ckp1); y = lerp(x, z, to_y); p = y; zslot = z.
+
+    Args:
+        params: parameters holding the new z; hold y on return.
+        zs: the wrapper's z slots holding x; hold z on return.
+        ckp1: averaging weight of the new z into x.
+        to_y: weight 1 - momentum that moves x to y.
+    """
+    _call("sf_wrapper_exit_f32", ("params", "zs"), (params, zs), ckp1, to_y, read_only=())

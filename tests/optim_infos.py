@@ -33,6 +33,9 @@ NEW_GROUP_WRONG_MODE = "new_group_wrong_mode"  # add_param_group after train() l
 WRONG_EVAL_ERROR = "wrong_eval_error"        # step() in eval mode raises a bare Exception
 ACCEPTS_INVALID = "accepts_invalid"          # negative lr accepted silently
 
+KERNEL_FLAGS = frozenset({"foreach", "fused"})  # which kernels compute the step
+ALL_FLAGS = KERNEL_FLAGS | {"master_weights"}   # ... and float32 master copies of low-precision parameters
+
 
 @dataclass(frozen=True)
 class ErrorInput:
@@ -64,7 +67,9 @@ class OptimInfo:
         beta_key: config key of the y = (1 - beta) z + beta x interpolation coefficient.
         decay_key: per-group key of the weight decay taken at y.
         has_warmup: the class has ``warmup_steps``.
-        honours_flags: ``foreach``/``fused``/``master_weights`` change how it computes.
+        flags: which of the keyword flags ``foreach``, ``fused``, ``master_weights`` the class
+            honours (changes how it computes); the wrapper's passes take the first two, its base
+            owns the precision of what it updates.
         error_inputs: invalid constructor inputs.
         published_factory: ``published_factory(params, **config)`` builds the schedulefree 1.4.1
             counterpart (its primal, reference and wrapper forms start in eval mode).
@@ -80,7 +85,7 @@ class OptimInfo:
     beta_key: str = "betas"
     decay_key: str = "weight_decay"
     has_warmup: bool = True
-    honours_flags: bool = True
+    flags: frozenset[str] = ALL_FLAGS
     error_inputs: tuple[ErrorInput, ...] = ()
     published_factory: Callable[..., Any] | None = None
     published_reads_group_decay: bool = True
@@ -222,28 +227,28 @@ INFOS: tuple[OptimInfo, ...] = (
               published_factory=published.SGDScheduleFreeClosure, published_traps=_CLOSURE_TRAPS),
     OptimInfo("AdamWScheduleFreeReference", ours.AdamWScheduleFreeReference,
               _ADAMW_CONFIGS + (dict(lr=0.01, weight_decay=0.05, warmup_steps=3, decay_at_z=True),),
-              honours_flags=False, error_inputs=_ADAMW_ERRORS,
+              flags=frozenset(), error_inputs=_ADAMW_ERRORS,
               published_factory=published.AdamWScheduleFreeReference,
               published_traps=frozenset({STARTS_IN_EVAL, NEW_GROUP_WRONG_MODE, WRONG_EVAL_ERROR,
                                          ACCEPTS_INVALID})),
     OptimInfo("SGDScheduleFreeReference", ours.SGDScheduleFreeReference, _SGD_CONFIGS, beta_key="momentum",
-              honours_flags=False, error_inputs=_SGD_ERRORS,
+              flags=frozenset(), error_inputs=_SGD_ERRORS,
               published_factory=published.SGDScheduleFreeReference,
               published_traps=frozenset({WRITES_GRAD, WRONG_EVAL_ERROR})),
     OptimInfo("ScheduleFreeWrapper-SGD", _wrapper_factory(ours.ScheduleFreeWrapper, "sgd", published_form=False),
               _WRAPPER_SGD_CONFIGS, beta_key="momentum", decay_key="weight_decay_at_y", has_warmup=False,
-              honours_flags=False, error_inputs=_WRAPPER_ERRORS,
+              flags=KERNEL_FLAGS, error_inputs=_WRAPPER_ERRORS,
               published_factory=_wrapper_factory(published.ScheduleFreeWrapper, "sgd", published_form=True),
               published_reads_group_decay=False, published_traps=_WRAPPER_TRAPS),
     OptimInfo("ScheduleFreeWrapper-Adam", _wrapper_factory(ours.ScheduleFreeWrapper, "adam", published_form=False),
               _WRAPPER_ADAM_CONFIGS, beta_key="momentum", decay_key="weight_decay_at_y", has_warmup=False,
-              honours_flags=False, error_inputs=_WRAPPER_ERRORS,
+              flags=KERNEL_FLAGS, error_inputs=_WRAPPER_ERRORS,
               published_factory=_wrapper_factory(published.ScheduleFreeWrapper, "adam", published_form=True),
               published_reads_group_decay=False, published_traps=_WRAPPER_TRAPS),
 )
 
 MODAL_INFOS = tuple(info for info in INFOS if info.has_modes)
-FLAG_INFOS = tuple(info for info in INFOS if info.honours_flags)
+FLAG_INFOS = tuple(info for info in INFOS if info.flags)
 
 
 def published_with(trap: str) -> tuple[OptimInfo, ...]:

@@ -63,7 +63,7 @@ def _theirs(info: OptimInfo, ready: bool = True) -> Factory:
 
 def _flag_variants(info: OptimInfo) -> list[dict[str, Any]]:
     """Our class with its default flags, and with the eager path forced where it has flags."""
-    return [{}, {"fused": False}] if info.honours_flags else [{}]
+    return [{}, {"fused": False}] if "fused" in info.flags else [{}]
 
 
 def _groups(info: OptimInfo, params, config, *, published_form: bool = False):

@@ -284,3 +284,56 @@ int sf_lerp_f32(float *const *a, const float *const *b, const int64_t *n, int64_
     });
     return 0;
 }
+
+/*
+ * ScheduleFreeWrapper, around an opaque base step on z. The parameter slot p holds y between steps
+ * and the z slot holds z; during the base step p must hold z, so the slots trade contents, and x
+ * is kept in the z slot. Each pass reads and writes each slot once; no temporaries.
+ */
+
+/* enter: (if decay) z <- z - decay y;  y <- y y_scale;  then x <- lerp(y, z, to_x);  p <- z;  zslot <- x. */
+static void sf_enter_chunk(float *restrict p, float *restrict z, int64_t m, int decay, float neg_decay,
+                           float y_scale, sf_lerp_t to_x)
+{
+    for (int64_t i = 0; i < m; ++i) {
+        float yi = p[i];
+        float zi = z[i];
+        if (decay) {
+            zi = SF_FMA(yi, neg_decay, zi);
+            yi = yi * y_scale;
+        }
+        p[i] = zi;
+        z[i] = sf_lerp(yi, zi, to_x);
+    }
+}
+
+/* exit: p holds the new z, the z slot x:  x <- lerp(x, z, ckp1);  y <- lerp(x, z, to_y);  p <- y;  zslot <- z. */
+static void sf_exit_chunk(float *restrict p, float *restrict z, int64_t m, sf_lerp_t to_z, sf_lerp_t to_y)
+{
+    for (int64_t i = 0; i < m; ++i) {
+        const float zi = p[i];
+        const float xi = sf_lerp(z[i], zi, to_z);
+        p[i] = sf_lerp(xi, zi, to_y);
+        z[i] = zi;
+    }
+}
+
+int sf_wrapper_enter_f32(float *const *p, float *const *z, const int64_t *n, int64_t count, double decay,
+                         double y_scale, double to_x, int num_threads)
+{
+    const sf_lerp_t l = sf_lerp_make(to_x);
+    const int has_decay = decay != 0.0;
+    const float neg_decay = -(float)decay;
+    const float scale = (float)y_scale;
+    SF_FOR_CHUNKS(n, count, num_threads, sf_enter_chunk(p[t] + lo, z[t] + lo, m, has_decay, neg_decay, scale, l));
+    return 0;
+}
+
+int sf_wrapper_exit_f32(float *const *p, float *const *z, const int64_t *n, int64_t count, double ckp1,
+                        double to_y, int num_threads)
+{
+    const sf_lerp_t to_z = sf_lerp_make(ckp1);
+    const sf_lerp_t l = sf_lerp_make(to_y);
+    SF_FOR_CHUNKS(n, count, num_threads, sf_exit_chunk(p[t] + lo, z[t] + lo, m, to_z, l));
+    return 0;
+}

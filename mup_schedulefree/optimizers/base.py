@@ -38,6 +38,26 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return to_local() if to_local is not None else t
 
 
+def kernel_flags(group: dict[str, Any], device: torch.device, prefix: str = "") -> tuple[bool, bool]:
+    """(fused, foreach) for a group's tensors on ``device``, from its ``fused``/``foreach`` entries.
+
+    None (the default) means: the native kernels on CPU, ``_foreach`` operations on other devices.
+
+    Args:
+        group: a parameter group.
+        device: device of the tensors about to be updated.
+        prefix: prefix of the two keys in ``group`` (the wrapper's are ``sf_fused``/``sf_foreach``).
+
+    Returns:
+        Whether to take the fused path and whether the eager path should use ``_foreach`` operations.
+    """
+    fused = group.get(prefix + "fused")
+    foreach = group.get(prefix + "foreach")
+    use_fused = device.type == "cpu" if fused is None else bool(fused)
+    use_foreach = device.type != "cpu" if foreach is None else bool(foreach)
+    return use_fused, use_foreach
+
+
 def check_range(name: str, value: Any, low: float, high: float | None = None, *,
                 low_open: bool = False, high_open: bool = True) -> None:
     """Raise ValueError naming ``name`` unless ``value`` lies in the stated interval.
@@ -259,21 +279,13 @@ class ScheduleFreeCore(Optimizer):
                 p.copy_(master)
                 versions[p] = p._version
 
-    def _flags(self, group: dict[str, Any], device: torch.device) -> tuple[bool, bool]:
-        """(fused, foreach) for tensors on ``device``: by default native on CPU, foreach elsewhere."""
-        fused = group.get("fused")
-        foreach = group.get("foreach")
-        use_fused = device.type == "cpu" if fused is None else bool(fused)
-        use_foreach = device.type != "cpu" if foreach is None else bool(foreach)
-        return use_fused, use_foreach
-
     def _move_points(self, group: dict[str, Any], params: list[torch.Tensor], weight: float) -> None:
         """Interpolate the points of ``params`` toward their z by ``weight``."""
         if not params:
             return
         lists = [[local(self._point(p)) for p in params], [local(self.state[p]["z"]) for p in params]]
         for points, zs in kernels.group_by_device_and_dtype(lists):
-            fused, foreach = self._flags(group, points[0].device)
+            fused, foreach = kernel_flags(group, points[0].device)
             kernels.lerp_(points, zs, weight, foreach=foreach, fused=fused)
         self._write_back(params)
 
@@ -283,7 +295,7 @@ class ScheduleFreeCore(Optimizer):
         for p in params:
             self._init_state(group, p)
         for lists in kernels.group_by_device_and_dtype(self._lists(params)):
-            fused, foreach = self._flags(group, lists[0][0].device)
+            fused, foreach = kernel_flags(group, lists[0][0].device)
             self._kernel(lists, scalars, fused=fused, foreach=foreach, closure_form=closure_form)
         self._write_back(params)
 

@@ -8,19 +8,25 @@ in z's slot), and after it rebuilds x and y from the new z:
     x_new <- (1 - ckp1) x + ckp1 z
     y_new <- momentum x_new + (1 - momentum) z
 
+Around the base step the wrapper makes one pass over y and z to enter (decay, move to x, trade
+slots) and one to leave (average, move to y, trade back): each reads and writes both once, fused
+into a single native kernel on CPU. That is 8 tensor-sized memory passes beyond the base's own,
+the fewest possible while the base stays opaque and updates z in the parameter's own storage.
+
 The wrapper shares its parameter-group dicts with the base optimizer, so LR schedulers and code
 that edits ``optimizer.param_groups`` drive both. Its own per-group entries carry an ``sf_``
 prefix (``weight_decay_at_y`` excepted) so they cannot collide with the base's.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch.optim import Optimizer
 
 from .. import kernels
-from .base import SCHEDULE_DEFAULTS, advance_schedule, check_range, eval_mode_error, share_lr_ratios
+from .base import (SCHEDULE_DEFAULTS, advance_schedule, check_range, eval_mode_error, kernel_flags, local,
+                   share_lr_ratios)
 
 PREFIX = "sf_"
 
@@ -37,7 +43,8 @@ class ScheduleFreeWrapper(Optimizer):
 
     Call ``train()`` before training and ``eval()`` before evaluating or saving; a new wrapper
     starts in train mode. Turn off the base optimizer's own momentum (e.g. Adam's beta1=0): the
-    wrapper's interpolation provides it.
+    wrapper's interpolation provides it. If the base step raises, the parameters get y back and
+    the z slots z (the schedule does not advance) before the error propagates.
 
     Example::
 
@@ -53,17 +60,22 @@ class ScheduleFreeWrapper(Optimizer):
         momentum: interpolation y = (1 - momentum) z + momentum x, 0 < momentum < 1 (default 0.9).
         weight_lr_power: power of the max lr in the averaging weight (default 2).
         r: polynomial weighting power of the average (default 0).
+        foreach: list-wide ``_foreach`` ops for the wrapper's own eager passes (default: on for
+            non-CPU devices). The base optimizer keeps its own flags.
+        fused: native single-pass kernels for the wrapper's passes on CPU float32 tensors
+            (default: on where available).
     """
 
     def __init__(self, base: Optimizer, weight_decay_at_y: float = 0.0, momentum: float = 0.9,
-                 weight_lr_power: float = 2, r: float = 0) -> None:
+                 weight_lr_power: float = 2, r: float = 0, foreach: bool | None = None,
+                 fused: bool | None = None) -> None:
         if not isinstance(base, Optimizer):
             raise TypeError(f"base must be a torch.optim.Optimizer instance, got {type(base).__name__}")
         self.base = base
         defaults = {PREFIX + key: value for key, value in SCHEDULE_DEFAULTS.items()}
         defaults.update({"weight_decay_at_y": weight_decay_at_y, PREFIX + "momentum": momentum,
                          PREFIX + "weight_lr_power": weight_lr_power, PREFIX + "r": r,
-                         PREFIX + "train_mode": True})
+                         PREFIX + "foreach": foreach, PREFIX + "fused": fused, PREFIX + "train_mode": True})
         _check_group(defaults)
         super().__init__(base.param_groups, defaults)
 
@@ -99,8 +111,22 @@ class ScheduleFreeWrapper(Optimizer):
                 continue
             beta = group[PREFIX + "momentum"]
             params = [p for p in group["params"] if "z" in self.state[p]]
-            kernels.lerp_(params, [self.state[p]["z"] for p in params], 1.0 - beta if to_train else 1.0 - 1.0 / beta)
+            for points, zs, fused, foreach in self._pairs(group, params):
+                kernels.lerp_(points, zs, 1.0 - beta if to_train else 1.0 - 1.0 / beta, foreach=foreach, fused=fused)
             group[PREFIX + "train_mode"] = to_train
+
+    def _pairs(self, group: dict[str, Any], params: list[torch.Tensor]) -> Iterator[tuple[list, list, bool, bool]]:
+        """(points, z slots, fused, foreach) per device and dtype, on local shards of DTensors."""
+        lists = [[local(p) for p in params], [local(self.state[p]["z"]) for p in params]]
+        for points, zs in kernels.group_by_device_and_dtype(lists):
+            fused, foreach = kernel_flags(group, points[0].device, PREFIX)
+            yield points, zs, fused, foreach
+
+    def _leave(self, group: dict[str, Any], params: list[torch.Tensor], ckp1: float) -> None:
+        """Average the new z (held by the parameters) into x (held by the z slots), form y, trade back."""
+        for points, zs, fused, foreach in self._pairs(group, params):
+            kernels.wrapper_exit_(points, zs, ckp1=ckp1, momentum=group[PREFIX + "momentum"],
+                                  foreach=foreach, fused=fused)
 
     @torch.no_grad()
     def train(self) -> None:
@@ -135,23 +161,22 @@ class ScheduleFreeWrapper(Optimizer):
             for p in params:
                 if "z" not in self.state[p]:
                     self.state[p]["z"] = p.detach().clone(memory_format=torch.preserve_format)
-            zs = [self.state[p]["z"] for p in params]
-            beta = group[PREFIX + "momentum"]
             decay = float(group["lr"]) * group["weight_decay_at_y"]
-            if decay != 0.0 and params:
-                torch._foreach_sub_(zs, params, alpha=decay)
-                torch._foreach_mul_(params, 1.0 - decay * (1.0 - beta))
-            kernels.lerp_(params, zs, 1.0 - 1.0 / beta)
-            kernels.swap_(params, zs)
-        self.base.step()
+            for points, zs, fused, foreach in self._pairs(group, params):
+                kernels.wrapper_enter_(points, zs, decay=decay, momentum=group[PREFIX + "momentum"],
+                                       foreach=foreach, fused=fused)
+        try:
+            self.base.step()
+        except BaseException:
+            # Put y and z back where they belong (x unchanged, schedule not advanced) before raising.
+            for group, params in zip(self.param_groups, active):
+                self._leave(group, params, 0.0)
+            raise
         share_lr_ratios(self.param_groups, PREFIX)
         for group, params in zip(self.param_groups, active):
             _, ckp1 = advance_schedule(group, float(group.get("d", 1.0)), r_key=PREFIX + "r",
                                        power_key=PREFIX + "weight_lr_power", prefix=PREFIX)
-            zs = [self.state[p]["z"] for p in params]
-            kernels.swap_(params, zs)
-            kernels.lerp_(params, zs, ckp1)
-            kernels.lerp_(params, zs, 1.0 - group[PREFIX + "momentum"])
+            self._leave(group, params, ckp1)
         return loss
 
     def state_dict(self) -> dict[str, Any]:
