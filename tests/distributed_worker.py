@@ -19,6 +19,9 @@ rank, writes a checkpoint, and calls optimizer.train() on every rank:
                          tensors at y and at x, the same for a fresh sharded model and optimizer
                          resumed from the checkpoint, the factory's error without infshapes, and
                          the tensor types of parameters and of z.
+    fsdp2_wrapper        the same sharding with MuScheduleFreeWrapper around torch.optim.Adam, whose
+                         own passes update the local shards; records full tensors at y and at x
+                         and the tensor type of z.
 """
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mup_models import D_IN, D_OUT, mixed_net
-from mup_schedulefree import MuAdamW_ScheduleFree, MuSGD_ScheduleFree, save_checkpoint
+from mup_schedulefree import MuAdamW_ScheduleFree, MuScheduleFreeWrapper, MuSGD_ScheduleFree, save_checkpoint
 
 WORLD_SIZE = 2
 HALF = 8                     # rows per rank; the reference run sees 2 * HALF
@@ -49,6 +52,8 @@ TIMEOUT = datetime.timedelta(seconds=30)   # any collective that waits longer ra
 OPTIMIZERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "adamw": lambda params, **kw: MuAdamW_ScheduleFree(params, lr=1e-2, weight_decay=0.1, warmup_steps=2, **kw),
     "sgd": lambda params, **kw: MuSGD_ScheduleFree(params, lr=0.05, weight_decay=0.1, **kw),
+    "wrapper": lambda params, **kw: MuScheduleFreeWrapper(params, torch.optim.Adam, lr=1e-2, betas=(0.0, 0.999),
+                                                          weight_decay_at_y=0.1, **kw),
 }
 
 
@@ -137,13 +142,13 @@ def _freeze_readout_width_mult(model: nn.Module) -> None:
             module.width_mult = lambda width_mult=width_mult: width_mult
 
 
-def _sharded(seed: int) -> tuple[nn.Module, torch.optim.Optimizer, str]:
+def _sharded(seed: int, optimizer: str = "adamw") -> tuple[nn.Module, torch.optim.Optimizer, str]:
     """mixed_net(seed) sharded with fully_shard per block and at the root, and its optimizer.
 
     Returns:
-        The model, MuAdamW_ScheduleFree built from the sharded ``named_parameters()`` with
-        infshapes captured before sharding, and the message of the ValueError the factory
-        raises without them.
+        The model, the ``optimizer`` factory's optimizer built from the sharded
+        ``named_parameters()`` with infshapes captured before sharding, and the message of the
+        ValueError MuAdamW_ScheduleFree raises without them.
     """
     from torch.distributed.fsdp import fully_shard
 
@@ -158,7 +163,7 @@ def _sharded(seed: int) -> tuple[nn.Module, torch.optim.Optimizer, str]:
         missing_infshape_error = "no error raised"
     except ValueError as error:
         missing_infshape_error = str(error)
-    return model, OPTIMIZERS["adamw"](model.named_parameters(), infshapes=infshapes), missing_infshape_error
+    return model, OPTIMIZERS[optimizer](model.named_parameters(), infshapes=infshapes), missing_infshape_error
 
 
 def _fsdp2(rank: int, out_dir: Path) -> dict[str, Any]:
@@ -193,10 +198,23 @@ def _fsdp2(rank: int, out_dir: Path) -> dict[str, Any]:
             "z_types": z_types, "mode_after_load": mode_after_load}
 
 
+def _fsdp2_wrapper(rank: int, out_dir: Path) -> dict[str, Any]:
+    """The wrapper around torch's Adam on the sharded model, with the eval()/train() switch."""
+    data = batches()
+    model, opt, _ = _sharded(MODEL_SEED, "wrapper")
+    _train(model, opt, rank, data[:CHECKPOINT_AT])
+    opt.eval()
+    opt.train()
+    _train(model, opt, rank, data[CHECKPOINT_AT:])
+    z_types = sorted({type(state["z"]).__name__ for state in opt.state.values()})
+    return {**_at_y_and_x(model, opt), "z_types": z_types}
+
+
 SCENARIOS: dict[str, Callable[[int, Path], dict[str, Any]]] = {
     "ddp_adamw": lambda rank, out_dir: _ddp(rank, "adamw", out_dir),
     "ddp_sgd": lambda rank, out_dir: _ddp(rank, "sgd", out_dir),
     "fsdp2_adamw": _fsdp2,
+    "fsdp2_wrapper": _fsdp2_wrapper,
 }
 
 

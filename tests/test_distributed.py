@@ -152,6 +152,21 @@ def test_fsdp2_full_parameters_match_unsharded_single_process(spawned, reference
         assert_close_by_name(ranks[0][point], references["adamw"][point], f"FSDP2 at {point}")
 
 
+def test_fsdp2_wrapper_matches_unsharded_single_process(spawned, references):
+    """FSDP2 with MuScheduleFreeWrapper around torch.optim.Adam: the wrapper's passes update each
+    rank's shard of y and of z (a DTensor), and after 8 steps the full tensors at y and, after
+    optimizer.eval(), at x match.
+
+    Reference: the unsharded single-process full-batch run of the same wrapper (rtol=1e-5, atol=1e-6).
+    """
+    ranks = results(spawned, "fsdp2_wrapper")
+    for rank in ranks:
+        assert rank["z_types"] == ["DTensor"]
+    for point in ("y", "x"):
+        assert_close_by_name(ranks[0][point], references["wrapper"][point], f"FSDP2 wrapper at {point}")
+        assert_close_by_name(ranks[1][point], references["wrapper"][point], f"FSDP2 wrapper rank 1 at {point}")
+
+
 def test_fsdp2_dcp_checkpoint_in_eval_mode_resumes_bit_identically(spawned):
     """torch.distributed.checkpoint save at x (optimizer.eval() first) and load into a fresh
     sharded model and optimizer; after train() and the remaining steps every full parameter
