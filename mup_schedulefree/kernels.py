@@ -22,7 +22,8 @@ optimizer's step (see optimizers/wrapper.py for their math).
 
 Every function here updates its tensors in place and only reads the gradients. Each has an eager
 implementation built from torch's ``_foreach`` operations; with ``foreach=False`` it runs the
-same operations one tensor at a time, which is faster on CPU (no list-sized temporaries).
+same operations one tensor at a time, which is faster on CPU. Either way temporaries are bounded:
+by one tensor, or by a run of FOREACH_BUCKET_NUMEL elements.
 When ``fused`` is requested and the native CPU kernels are available (see ``native.py``),
 supported tensors take the single-pass path instead.
 """
@@ -36,10 +37,29 @@ import torch
 Tensors = Sequence[torch.Tensor]
 
 
+FOREACH_BUCKET_NUMEL = 1 << 24
+"""The ``_foreach`` path works through its lists in runs of consecutive tensors holding at most this
+many elements (a larger tensor forms a run alone), so its temporaries are bounded by a run rather
+than by the whole model: 64 MiB per temporary list in float32."""
+
+
+def _runs(lists: Sequence[Tensors], limit: int) -> list[list[Tensors]]:
+    """Cut parallel lists into runs of consecutive indices whose first-list elements sum to <= limit."""
+    runs, start, total = [], 0, 0
+    for i, t in enumerate(lists[0]):
+        if total and total + t.numel() > limit:
+            runs.append([column[start:i] for column in lists])
+            start, total = i, 0
+        total += t.numel()
+    runs.append([column[start:] for column in lists])
+    return runs
+
+
 def _batched(fn: Callable[..., None], lists: Sequence[Tensors], foreach: bool, **scalars: float) -> None:
-    """Run ``fn`` on whole lists (foreach) or on one tensor at a time."""
+    """Run ``fn`` on runs of the lists (foreach, see FOREACH_BUCKET_NUMEL) or on one tensor at a time."""
     if foreach:
-        fn(*lists, **scalars)
+        for run in _runs(lists, FOREACH_BUCKET_NUMEL):
+            fn(*run, **scalars)
         return
     for items in zip(*lists):
         fn(*([t] for t in items), **scalars)
