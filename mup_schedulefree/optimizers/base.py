@@ -314,16 +314,25 @@ class ScheduleFreeCore(Optimizer):
                     self.state[p][key] = value.to(device=p.device, dtype=value.dtype, copy=True)
 
 
-def eval_mode_error(optimizer_name: str) -> RuntimeError:
-    """The error of a training step taken in eval mode, the same for every optimizer of the package.
+def train_mode_closure(optimizer: Optimizer, closure: Callable[[], Any] | None) -> Any:
+    """Refuse a step outside train mode, then evaluate the closure with gradients enabled.
+
+    The eval-mode error is the same for every optimizer of the package.
 
     Args:
-        optimizer_name: class name shown in the message.
+        optimizer: an optimizer with a ``train_mode`` property.
+        closure: the step's closure, or None.
+
+    Returns:
+        The closure's loss, or None.
     """
-    return RuntimeError(
-        f"{optimizer_name}.step() was called in eval mode: call optimizer.train() "
-        "before training steps (and optimizer.eval() before evaluating or saving)."
-    )
+    if not optimizer.train_mode:
+        raise RuntimeError(f"{type(optimizer).__name__}.step() was called in eval mode: call optimizer.train() "
+                           "before training steps (and optimizer.eval() before evaluating or saving).")
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
 
 
 class ModalForm(ScheduleFreeCore):
@@ -362,12 +371,7 @@ class ModalForm(ScheduleFreeCore):
 
     def _begin_step(self, closure: Callable[[], Any] | None) -> Any:
         """Refuse a step outside train mode, evaluate the closure, share this step's lr ratios."""
-        if not self.train_mode:
-            raise eval_mode_error(type(self).__name__)
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = train_mode_closure(self, closure)
         share_lr_ratios(self.param_groups)
         return loss
 

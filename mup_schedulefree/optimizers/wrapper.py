@@ -25,8 +25,8 @@ import torch
 from torch.optim import Optimizer
 
 from .. import kernels
-from .base import (SCHEDULE_DEFAULTS, advance_schedule, check_range, eval_mode_error, kernel_flags, local,
-                   share_lr_ratios)
+from .base import (SCHEDULE_DEFAULTS, advance_schedule, check_range, kernel_flags, local, share_lr_ratios,
+                   train_mode_closure)
 
 PREFIX = "sf_"
 
@@ -148,12 +148,7 @@ class ScheduleFreeWrapper(Optimizer):
         Returns:
             The closure's loss, or None.
         """
-        if not self.train_mode:
-            raise eval_mode_error(type(self).__name__)
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = train_mode_closure(self, closure)
         active = []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
