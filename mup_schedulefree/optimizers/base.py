@@ -16,7 +16,7 @@ What every optimizer in this package guarantees, and where the published package
 from __future__ import annotations
 
 from itertools import chain
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch.optim import Optimizer
@@ -38,24 +38,26 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return to_local() if to_local is not None else t
 
 
-def kernel_flags(group: dict[str, Any], device: torch.device, prefix: str = "") -> tuple[bool, bool]:
-    """(fused, foreach) for a group's tensors on ``device``, from its ``fused``/``foreach`` entries.
+def kernel_buckets(group: dict[str, Any], lists: list[list[torch.Tensor]], prefix: str = ""
+                   ) -> Iterator[tuple[list[list[torch.Tensor]], bool, bool]]:
+    """Parallel tensor lists split by device and dtype, each with the group's kernel flags for it.
 
-    None (the default) means: the native kernels on CPU, ``_foreach`` operations on other devices.
+    The flags come from the group's ``fused``/``foreach`` entries; None (the default) means the
+    native kernels on CPU and ``_foreach`` operations on other devices.
 
     Args:
         group: a parameter group.
-        device: device of the tensors about to be updated.
+        lists: parallel lists of tensors about to be updated.
         prefix: prefix of the two keys in ``group`` (the wrapper's are ``sf_fused``/``sf_foreach``).
 
-    Returns:
-        Whether to take the fused path and whether the eager path should use ``_foreach`` operations.
+    Yields:
+        (sub-lists sharing a device and dtype, take the fused path, use ``_foreach`` operations).
     """
     fused = group.get(prefix + "fused")
     foreach = group.get(prefix + "foreach")
-    use_fused = device.type == "cpu" if fused is None else bool(fused)
-    use_foreach = device.type != "cpu" if foreach is None else bool(foreach)
-    return use_fused, use_foreach
+    for bucket in kernels.group_by_device_and_dtype(lists):
+        on_cpu = bucket[0][0].device.type == "cpu"
+        yield bucket, on_cpu if fused is None else bool(fused), (not on_cpu) if foreach is None else bool(foreach)
 
 
 def check_range(name: str, value: Any, low: float, high: float | None = None, *,
@@ -284,8 +286,7 @@ class ScheduleFreeCore(Optimizer):
         if not params:
             return
         lists = [[local(self._point(p)) for p in params], [local(self.state[p]["z"]) for p in params]]
-        for points, zs in kernels.group_by_device_and_dtype(lists):
-            fused, foreach = kernel_flags(group, points[0].device)
+        for (points, zs), fused, foreach in kernel_buckets(group, lists):
             kernels.lerp_(points, zs, weight, foreach=foreach, fused=fused)
         self._write_back(params)
 
@@ -294,8 +295,7 @@ class ScheduleFreeCore(Optimizer):
         scalars = self._advance(group)
         for p in params:
             self._init_state(group, p)
-        for lists in kernels.group_by_device_and_dtype(self._lists(params)):
-            fused, foreach = kernel_flags(group, lists[0][0].device)
+        for lists, fused, foreach in kernel_buckets(group, self._lists(params)):
             self._kernel(lists, scalars, fused=fused, foreach=foreach, closure_form=closure_form)
         self._write_back(params)
 

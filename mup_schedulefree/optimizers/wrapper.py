@@ -25,7 +25,7 @@ import torch
 from torch.optim import Optimizer
 
 from .. import kernels
-from .base import (SCHEDULE_DEFAULTS, advance_schedule, check_range, kernel_flags, local, share_lr_ratios,
+from .base import (SCHEDULE_DEFAULTS, advance_schedule, check_range, kernel_buckets, local, share_lr_ratios,
                    train_mode_closure)
 
 PREFIX = "sf_"
@@ -111,20 +111,17 @@ class ScheduleFreeWrapper(Optimizer):
                 continue
             beta = group[PREFIX + "momentum"]
             params = [p for p in group["params"] if "z" in self.state[p]]
-            for points, zs, fused, foreach in self._pairs(group, params):
+            for (points, zs), fused, foreach in self._pairs(group, params):
                 kernels.lerp_(points, zs, 1.0 - beta if to_train else 1.0 - 1.0 / beta, foreach=foreach, fused=fused)
             group[PREFIX + "train_mode"] = to_train
 
-    def _pairs(self, group: dict[str, Any], params: list[torch.Tensor]) -> Iterator[tuple[list, list, bool, bool]]:
-        """(points, z slots, fused, foreach) per device and dtype, on local shards of DTensors."""
-        lists = [[local(p) for p in params], [local(self.state[p]["z"]) for p in params]]
-        for points, zs in kernels.group_by_device_and_dtype(lists):
-            fused, foreach = kernel_flags(group, points[0].device, PREFIX)
-            yield points, zs, fused, foreach
+    def _pairs(self, group: dict[str, Any], params: list[torch.Tensor]) -> Iterator[tuple[list, bool, bool]]:
+        """([points, z slots], fused, foreach) per device and dtype, on local shards of DTensors."""
+        return kernel_buckets(group, [[local(p) for p in params], [local(self.state[p]["z"]) for p in params]], PREFIX)
 
     def _leave(self, group: dict[str, Any], params: list[torch.Tensor], ckp1: float) -> None:
         """Average the new z (held by the parameters) into x (held by the z slots), form y, trade back."""
-        for points, zs, fused, foreach in self._pairs(group, params):
+        for (points, zs), fused, foreach in self._pairs(group, params):
             kernels.wrapper_exit_(points, zs, ckp1=ckp1, momentum=group[PREFIX + "momentum"],
                                   foreach=foreach, fused=fused)
 
@@ -157,7 +154,7 @@ class ScheduleFreeWrapper(Optimizer):
                 if "z" not in self.state[p]:
                     self.state[p]["z"] = p.detach().clone(memory_format=torch.preserve_format)
             decay = float(group["lr"]) * group["weight_decay_at_y"]
-            for points, zs, fused, foreach in self._pairs(group, params):
+            for (points, zs), fused, foreach in self._pairs(group, params):
                 kernels.wrapper_enter_(points, zs, decay=decay, momentum=group[PREFIX + "momentum"],
                                        foreach=foreach, fused=fused)
         try:
