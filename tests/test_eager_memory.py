@@ -56,11 +56,9 @@ def test_cutting_into_runs_changes_no_number(monkeypatch, step, count):
     """The same step on the same tensors, cut into runs of two tensors or taken whole, leaves every
     tensor bitwise equal (a run of one tensor larger than the limit is taken alone)."""
     cut, whole = _lists(count, seed=1), _lists(count, seed=1)
-    cut[0][3] = torch.rand(3 * RUN, generator=torch.Generator().manual_seed(2))
-    whole[0][3] = cut[0][3].clone()
-    for column in range(1, count):
-        cut[column][3] = torch.rand(3 * RUN, generator=torch.Generator().manual_seed(3 + column))
-        whole[column][3] = cut[column][3].clone()
+    for column in range(count):  # index 3 of every list: one tensor three runs long
+        large = torch.rand(3 * RUN, generator=torch.Generator().manual_seed(2 + column))
+        cut[column][3], whole[column][3] = large, large.clone()
     monkeypatch.setattr(kernels, "FOREACH_BUCKET_NUMEL", RUN)
     step(cut)
     monkeypatch.setattr(kernels, "FOREACH_BUCKET_NUMEL", 1 << 40)
