@@ -31,6 +31,8 @@ class AdamWRule:
         master_weights: float32 master copy and state for float16/bfloat16 parameters (default True).
     """
 
+    mup_rule = "adam"  # the muP scaling rule (see scaling.py) that fits this update
+
     _moment_keys = ("exp_avg_sq",)
 
     def __init__(self, params: Iterable[Any], lr: float | torch.Tensor = 0.0025,

@@ -389,6 +389,30 @@ class PrimalForm(ModalForm):
             group["train_mode"] = to_train
 
     @torch.no_grad()
+    def points_at_x(self) -> dict[torch.Tensor, torch.Tensor]:
+        """The values ``eval()`` would give the parameters, computed out of place.
+
+        Nothing is moved: model and optimizer stay exactly as they are. Each value is a new
+        tensor in its parameter's dtype, bit-identical to what ``eval()`` would write (the same
+        kernel runs on copies). Parameters that are not listed already hold x: groups in eval
+        mode, and parameters that never had state.
+
+        Returns:
+            A dict mapping parameter -> its value at x.
+        """
+        points: dict[torch.Tensor, torch.Tensor] = {}
+        for group in self.param_groups:
+            params = [p for p in group["params"] if "z" in self.state[p]]
+            if not group["train_mode"] or not params:
+                continue
+            copies = [self._point(p).detach().clone(memory_format=torch.preserve_format) for p in params]
+            lists = [[local(c) for c in copies], [local(self.state[p]["z"]) for p in params]]
+            for (starts, zs), fused, foreach in kernel_buckets(group, lists):
+                kernels.lerp_(starts, zs, 1.0 - 1.0 / self._beta(group), foreach=foreach, fused=fused)
+            points.update((p, c if c.dtype == p.dtype else c.to(p.dtype)) for p, c in zip(params, copies))
+        return points
+
+    @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Take one optimization step at the training point.
 
@@ -409,6 +433,14 @@ class ClosureForm(ScheduleFreeCore):
 
     No ``train()``/``eval()`` is needed: between steps the model is always at x.
     """
+
+    def points_at_x(self) -> dict[torch.Tensor, torch.Tensor]:
+        """Empty: between steps every parameter already holds x.
+
+        Returns:
+            An empty dict (see :meth:`PrimalForm.points_at_x`).
+        """
+        return {}
 
     def step(self, closure: Callable[[], Any]) -> Any:  # type: ignore[override]
         """Evaluate ``closure`` at y and take one step; parameters hold x before and after.

@@ -29,6 +29,16 @@ class _ReferenceForm(ModalForm):
                         p.copy_(self.state[p][key])
                 group["train_mode"] = to_train
 
+    @torch.no_grad()
+    def points_at_x(self) -> dict[torch.Tensor, torch.Tensor]:
+        """Copies of the stored x of every parameter in a group that is in train mode.
+
+        Returns:
+            A dict mapping parameter -> its value at x (see :meth:`PrimalForm.points_at_x`).
+        """
+        return {p: self.state[p]["x"].clone() for group in self.param_groups if group["train_mode"]
+                for p in group["params"] if "x" in self.state[p]}
+
     def _direction(self, group: dict[str, Any], state: dict[str, torch.Tensor], grad: torch.Tensor,
                    k: int) -> torch.Tensor:
         raise NotImplementedError

@@ -28,6 +28,8 @@ class SGDRule:
         master_weights: float32 master copy and state for float16/bfloat16 parameters (default True).
     """
 
+    mup_rule = "sgd"  # the muP scaling rule (see scaling.py) that fits this update
+
     def __init__(self, params: Iterable[Any], lr: float | torch.Tensor = 1.0, momentum: float = 0.9,
                  weight_decay: float = 0, warmup_steps: int = 0, r: float = 0.0, weight_lr_power: float = 2,
                  foreach: bool | None = None, fused: bool | None = None, master_weights: bool = True) -> None:

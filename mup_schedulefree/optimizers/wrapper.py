@@ -115,6 +115,28 @@ class ScheduleFreeWrapper(Optimizer):
                 kernels.lerp_(points, zs, 1.0 - beta if to_train else 1.0 - 1.0 / beta, foreach=foreach, fused=fused)
             group[PREFIX + "train_mode"] = to_train
 
+    @torch.no_grad()
+    def points_at_x(self) -> dict[torch.Tensor, torch.Tensor]:
+        """The values ``eval()`` would give the parameters, computed out of place on copies.
+
+        Nothing is moved; parameters not listed already hold x (see
+        :meth:`mup_schedulefree.optimizers.base.PrimalForm.points_at_x`).
+
+        Returns:
+            A dict mapping parameter -> its value at x.
+        """
+        points: dict[torch.Tensor, torch.Tensor] = {}
+        for group in self.param_groups:
+            params = [p for p in group["params"] if "z" in self.state[p]]
+            if not group[PREFIX + "train_mode"] or not params:
+                continue
+            copies = [p.detach().clone(memory_format=torch.preserve_format) for p in params]
+            lists = [[local(c) for c in copies], [local(self.state[p]["z"]) for p in params]]
+            for (starts, zs), fused, foreach in kernel_buckets(group, lists, PREFIX):
+                kernels.lerp_(starts, zs, 1.0 - 1.0 / group[PREFIX + "momentum"], foreach=foreach, fused=fused)
+            points.update(zip(params, copies))
+        return points
+
     def _pairs(self, group: dict[str, Any], params: list[torch.Tensor]) -> Iterator[tuple[list, bool, bool]]:
         """([points, z slots], fused, foreach) per device and dtype, on local shards of DTensors."""
         return kernel_buckets(group, [[local(p) for p in params], [local(self.state[p]["z"]) for p in params]], PREFIX)
