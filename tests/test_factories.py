@@ -380,8 +380,9 @@ def assert_one_ckp1_per_step(spy: Ckp1Spy, optimizer: torch.optim.Optimizer, pre
     for step, values in enumerate(spy.steps):
         assert len(values) >= n_groups, f"step {step}: some group never reached the update"
         assert len(set(values)) == 1, f"step {step}: ckp1 differs between groups: {values}"
-    for key in ("k", "weight_sum", "relative_lr_max"):
-        assert len({g[prefix + key] for g in optimizer.param_groups}) == 1, key
+    assert len({g[prefix + "k"] for g in optimizer.param_groups}) == 1, "k"
+    for key in ("weight_sum", "lr_max"):
+        assert len({g[prefix + "averaging"][key] for g in optimizer.param_groups}) == 1, key
 
 
 WARMUP_FACTORIES = {

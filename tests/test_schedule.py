@@ -178,5 +178,5 @@ def test_optimizer_groups_with_lr_ratio_one_third_share_averaging_state_bitwise(
         a.grad, b.grad = torch.ones(3), torch.ones(3)
         opt.step()
         first, second = opt.param_groups
-        assert first["weight_sum"] == second["weight_sum"], k
-        assert first["relative_lr_max"] == second["relative_lr_max"], k
+        assert first["averaging"]["weight_sum"] == second["averaging"]["weight_sum"], k
+        assert first["averaging"]["lr_max"] == second["averaging"]["lr_max"], k

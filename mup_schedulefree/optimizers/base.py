@@ -15,6 +15,7 @@ What every optimizer in this package guarantees, and where the published package
 """
 from __future__ import annotations
 
+import numbers
 from itertools import chain
 from typing import Any, Callable, Iterable, Iterator
 
@@ -60,6 +61,28 @@ def kernel_buckets(group: dict[str, Any], lists: list[list[torch.Tensor]], prefi
         yield bucket, on_cpu if fused is None else bool(fused), (not on_cpu) if foreach is None else bool(foreach)
 
 
+def real_number(name: str, value: Any) -> float:
+    """``value`` as a float, or a TypeError naming ``name`` if it is not a real number.
+
+    Python and NumPy reals and one-element real tensors (a tensor learning rate) are numbers;
+    None, strings, bools and complex values are not.
+
+    Args:
+        name: argument name shown in the message.
+        value: the value supplied by the user.
+
+    Returns:
+        The value as a Python float.
+    """
+    if isinstance(value, torch.Tensor):
+        ok = value.numel() == 1 and not value.is_complex() and value.dtype != torch.bool
+    else:
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if not ok:
+        raise TypeError(f"Invalid {name}: {value!r} (must be a real number, got {type(value).__name__})")
+    return float(value)
+
+
 def check_range(name: str, value: Any, low: float, high: float | None = None, *,
                 low_open: bool = False, high_open: bool = True) -> None:
     """Raise ValueError naming ``name`` unless ``value`` lies in the stated interval.
@@ -72,7 +95,7 @@ def check_range(name: str, value: Any, low: float, high: float | None = None, *,
         low_open: exclude ``low`` itself.
         high_open: exclude ``high`` itself.
     """
-    number = float(value)
+    number = real_number(name, value)
     too_low = number <= low if low_open else number < low
     too_high = high is not None and (number >= high if high_open else number > high)
     if too_low or too_high or number != number:
@@ -117,26 +140,60 @@ def check_common(group: dict[str, Any]) -> None:
         check_range("warmup_steps", warmup, 0.0)
 
 
-def lr_ratio(group: dict[str, Any], prefix: str = "") -> float:
-    """Current lr of ``group`` relative to its reference lr (the first non-zero lr it stepped with).
+AVERAGING = "averaging"
+
+
+def relative_averaging(group: dict[str, Any], prefix: str = "", power_key: str = "weight_lr_power") -> dict[str, Any]:
+    """The group's averaging state in units of its reference lr, valid at its current step count.
+
+    Each group keeps the published package's bookkeeping (``k``, ``lr_max``, ``weight_sum``, in
+    learning-rate units, so either package can continue from the other's state dict) and, under
+    ``averaging``, the same sums in units of its reference lr (the first non-zero lr it stepped
+    with): ``{"k", "lr_ref", "lr_max", "weight_sum"}``. ckp1 comes from the relative sums, which
+    are bit-identical across groups whose lrs differ by a constant factor, as muP's do. When the
+    relative record is missing (a new optimizer, a state dict of the published package) or was
+    written at another step count (the published package stepped since), it is rebuilt from the
+    published sums, taking the group's current lr as the reference.
+
+    Args:
+        group: a parameter group.
+        prefix: prefix of the bookkeeping keys (the wrapper's are ``sf_``).
+        power_key: group key of the lr power in the averaging weight.
+
+    Returns:
+        A dict with keys ``k``, ``lr_ref`` (None until a non-zero lr is seen), ``lr_max`` and
+        ``weight_sum``; never the group's own object when it had to be rebuilt.
+    """
+    k = group[prefix + "k"]
+    record = group.get(prefix + AVERAGING)
+    if record is not None and record.get("k") == k:
+        return record
+    lr, lr_max, weight_sum = float(group["lr"]), group[prefix + "lr_max"], group[prefix + "weight_sum"]
+    ref = lr if lr > 0.0 else (lr_max if lr_max > 0.0 else None)
+    if ref is None or lr_max < 0.0:
+        return dict(k=k, lr_ref=ref, lr_max=lr_max, weight_sum=weight_sum)
+    return dict(k=k, lr_ref=ref, lr_max=lr_max / ref, weight_sum=weight_sum / ref ** group[power_key])
+
+
+def lr_ratio(group: dict[str, Any], prefix: str = "", power_key: str = "weight_lr_power") -> float:
+    """Current lr of ``group`` relative to its reference lr (see :func:`relative_averaging`).
 
     Exactly 1.0 while the lr is unchanged, so the averaging weight of groups that differ only by
     a constant lr factor is bit-identical. 0.0 while the group has only seen lr = 0.
 
     Args:
-        group: a parameter group; its ``lr_ref`` entry is set on first use.
-        prefix: prefix of the ``lr_ref`` key.
+        group: a parameter group.
+        prefix: prefix of the bookkeeping keys.
+        power_key: group key of the lr power in the averaging weight.
     """
     lr = float(group["lr"])
-    if group.get(prefix + "lr_ref") is None:
-        if lr == 0.0:
-            return 0.0
-        group[prefix + "lr_ref"] = lr
-    ref = group[prefix + "lr_ref"]
+    ref = relative_averaging(group, prefix, power_key)["lr_ref"]
+    if ref is None:
+        return 0.0 if lr == 0.0 else 1.0
     return 1.0 if lr == ref else lr / ref
 
 
-def share_lr_ratios(groups: Iterable[dict[str, Any]], prefix: str = "") -> None:
+def share_lr_ratios(groups: Iterable[dict[str, Any]], prefix: str = "", power_key: str = "weight_lr_power") -> None:
     """Store each group's lr ratio (see :func:`lr_ratio`) for this step, sharing equal ones.
 
     A scheduler that multiplies every group's lr by the same factor (LambdaLR warmup) gives ratios
@@ -147,10 +204,11 @@ def share_lr_ratios(groups: Iterable[dict[str, Any]], prefix: str = "") -> None:
     Args:
         groups: the optimizer's parameter groups; each gets ``<prefix>lr_ratio``.
         prefix: prefix of the bookkeeping keys.
+        power_key: group key of the lr power in the averaging weight.
     """
     seen: list[float] = []
     for group in groups:
-        ratio = lr_ratio(group, prefix)
+        ratio = lr_ratio(group, prefix, power_key)
         ratio = next((r for r in seen if abs(r - ratio) <= 1e-12 * abs(r)), ratio)
         if ratio not in seen:
             seen.append(ratio)
@@ -159,10 +217,12 @@ def share_lr_ratios(groups: Iterable[dict[str, Any]], prefix: str = "") -> None:
 
 def advance_schedule(group: dict[str, Any], multiplier: float, *, r_key: str = "r",
                      power_key: str = "weight_lr_power", prefix: str = "") -> tuple[float, float]:
-    """Advance a group's step count and averaging weight by one step.
+    """Advance a group's step count and averaging sums (both units, see :func:`relative_averaging`).
 
     Args:
-        group: the parameter group (its bookkeeping entries are updated in place).
+        group: the parameter group (its bookkeeping entries are updated in place; the
+            ``averaging`` record is replaced, never mutated, so a state dict taken earlier keeps
+            its values).
         multiplier: schedule factor on the group lr for this step (warmup, rectification).
         r_key: group key of the polynomial weighting power.
         power_key: group key of the lr power in the averaging weight.
@@ -173,18 +233,51 @@ def advance_schedule(group: dict[str, Any], multiplier: float, *, r_key: str = "
     """
     k = group[prefix + "k"]
     lr = float(group["lr"]) * multiplier
-    group[prefix + "scheduled_lr"] = lr
-    group[prefix + "lr_max"] = max(lr, group[prefix + "lr_max"])
+    r, power = group[r_key], group[power_key]
+    record = relative_averaging(group, prefix, power_key)
     ratio = group.pop(prefix + "lr_ratio", None)
-    avg = averaging_weight(k, multiplier * (lr_ratio(group, prefix) if ratio is None else ratio), group[prefix + "relative_lr_max"],
-                           group[prefix + "weight_sum"], group[r_key], group[power_key])
-    group[prefix + "relative_lr_max"] = avg.lr_max
-    group[prefix + "weight_sum"] = avg.weight_sum
+    if ratio is None:
+        ratio = lr_ratio(group, prefix, power_key)
+    ref = record["lr_ref"] if record["lr_ref"] is not None else (float(group["lr"]) or None)
+    relative = averaging_weight(k, multiplier * ratio, record["lr_max"], record["weight_sum"], r, power)
+    published = averaging_weight(k, lr, group[prefix + "lr_max"], group[prefix + "weight_sum"], r, power)
+    group[prefix + AVERAGING] = dict(k=k + 1, lr_ref=ref, lr_max=relative.lr_max, weight_sum=relative.weight_sum)
+    group[prefix + "scheduled_lr"] = lr
+    group[prefix + "lr_max"] = published.lr_max
+    group[prefix + "weight_sum"] = published.weight_sum
     group[prefix + "k"] = k + 1
-    return lr, avg.ckp1
+    return lr, relative.ckp1
 
 
-SCHEDULE_DEFAULTS = dict(k=0, lr_max=-1.0, relative_lr_max=-1.0, weight_sum=0.0, scheduled_lr=0.0, lr_ref=None)
+def upgrade_saved_group(group: dict[str, Any], prefix: str = "", power_key: str = "weight_lr_power") -> dict[str, Any]:
+    """A saved parameter group in today's format (a copy), whatever version of ours saved it.
+
+    Before version 0.2 the groups kept ``weight_sum`` in relative units beside ``lr_ref`` and
+    ``relative_lr_max``; they become the ``averaging`` record, and ``weight_sum`` is converted to
+    the published (learning-rate) units. Groups in today's format, and the published package's
+    groups, are returned unchanged.
+
+    Args:
+        group: a saved group (from ``state_dict()["param_groups"]``).
+        prefix: prefix of the bookkeeping keys.
+        power_key: group key of the lr power in the averaging weight.
+
+    Returns:
+        The group to load.
+    """
+    if prefix + "relative_lr_max" not in group:
+        return group
+    group = dict(group)
+    ref = group.pop(prefix + "lr_ref", None)
+    relative_lr_max = group.pop(prefix + "relative_lr_max")
+    relative_sum = group[prefix + "weight_sum"]
+    group[prefix + AVERAGING] = dict(k=group[prefix + "k"], lr_ref=ref, lr_max=relative_lr_max, weight_sum=relative_sum)
+    if ref is not None:
+        group[prefix + "weight_sum"] = relative_sum * ref ** group[power_key]
+    return group
+
+
+SCHEDULE_DEFAULTS = dict(k=0, lr_max=-1.0, weight_sum=0.0, scheduled_lr=0.0, averaging=None)
 
 
 class ScheduleFreeCore(Optimizer):
@@ -305,6 +398,7 @@ class ScheduleFreeCore(Optimizer):
         Args:
             state_dict: a dict returned by :meth:`state_dict`.
         """
+        state_dict = {**state_dict, "param_groups": [upgrade_saved_group(g) for g in state_dict["param_groups"]]}
         super().load_state_dict(state_dict)
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = chain.from_iterable(g["params"] for g in self.param_groups)

@@ -69,8 +69,18 @@ class SGDScheduleFree(SGDRule, PrimalForm):
 class SGDScheduleFreeClosure(SGDRule, ClosureForm):
     __doc__ = """Schedule-Free SGD driven by a closure; parameters hold x between steps.
 
+    Its positional order is ``(params, lr, weight_decay, momentum, ...)``, as in the published
+    class of the same name (the other SGD forms take ``momentum`` before ``weight_decay``).
+
     Example::
 
         loss = SGDScheduleFreeClosure(model.parameters(), lr=0.5).step(closure)
 
     """ + SGDRule.__doc__.split("\n\n", 1)[1]
+
+    def __init__(self, params: Iterable[Any], lr: float | torch.Tensor = 1.0, weight_decay: float = 0,
+                 momentum: float = 0.9, warmup_steps: int = 0, r: float = 0.0, weight_lr_power: float = 2.0,
+                 foreach: bool | None = None, fused: bool | None = None, master_weights: bool = True) -> None:
+        super().__init__(params, lr=lr, momentum=momentum, weight_decay=weight_decay, warmup_steps=warmup_steps,
+                         r=r, weight_lr_power=weight_lr_power, foreach=foreach, fused=fused,
+                         master_weights=master_weights)

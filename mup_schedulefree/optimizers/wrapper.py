@@ -26,7 +26,7 @@ from torch.optim import Optimizer
 
 from .. import kernels
 from .base import (SCHEDULE_DEFAULTS, advance_schedule, check_range, kernel_buckets, local, share_lr_ratios,
-                   train_mode_closure)
+                   train_mode_closure, upgrade_saved_group)
 
 PREFIX = "sf_"
 
@@ -186,7 +186,7 @@ class ScheduleFreeWrapper(Optimizer):
             for group, params in zip(self.param_groups, active):
                 self._leave(group, params, 0.0)
             raise
-        share_lr_ratios(self.param_groups, PREFIX)
+        share_lr_ratios(self.param_groups, PREFIX, PREFIX + "weight_lr_power")
         for group, params in zip(self.param_groups, active):
             _, ckp1 = advance_schedule(group, float(group.get("d", 1.0)), r_key=PREFIX + "r",
                                        power_key=PREFIX + "weight_lr_power", prefix=PREFIX)
@@ -210,6 +210,7 @@ class ScheduleFreeWrapper(Optimizer):
         if "base" not in state_dict:
             raise ValueError("state_dict has no 'base' entry: it was not saved by ScheduleFreeWrapper.state_dict()")
         own = {key: value for key, value in state_dict.items() if key != "base"}
+        own["param_groups"] = [upgrade_saved_group(g, PREFIX, PREFIX + "weight_lr_power") for g in own["param_groups"]]
         super().load_state_dict(own)
         self.base.load_state_dict(state_dict["base"])
         for index, (mine, theirs) in enumerate(zip(self.param_groups, self.base.param_groups)):
