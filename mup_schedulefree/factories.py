@@ -6,11 +6,18 @@ name parameters), or group dicts of either. ``impl`` may be any optimizer class 
 torch.optim-style constructor: this package's, the published ``schedulefree`` classes, or
 torch.optim classes. The returned optimizer refuses, with a clear error, a state dict saved from
 a different muP grouping.
+
+Every argument is checked before anything is built (before ``params`` is even read), with a
+one-line error that names it: ``impl`` must be an optimizer class, the hyperparameters that get
+scaled must be real numbers (a 1-element tensor lr works, as in torch.optim), and a factory
+refuses an ``impl`` whose own muP rule (its ``mup_rule`` attribute, or a known torch/schedulefree
+class) is not the factory's. ``mu_optimizer`` takes the rule as an argument and applies it to any
+class: that is the way to override.
 """
 from __future__ import annotations
 
 import inspect
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch.optim import Optimizer
@@ -26,7 +33,7 @@ from .optimizers import (
     SGDScheduleFreeClosure,
     SGDScheduleFreeReference,
 )
-from .scaling import grouping_guard, infer_rule, mu_param_groups
+from .scaling import check_decay_lr_power, check_real, check_rule, grouping_guard, infer_rule, mu_param_groups
 
 InfShapes = Mapping[str, Any] | str | None
 
@@ -42,14 +49,41 @@ def _default(impl: type, name: str, fallback: Any) -> Any:
     return parameter.default
 
 
+def _check_optimizer_class(name: str, value: Any) -> None:
+    """Raise TypeError naming ``name`` unless ``value`` is a subclass of ``torch.optim.Optimizer``."""
+    if isinstance(value, type) and issubclass(value, Optimizer):
+        return
+    got = "a class that is not one" if isinstance(value, type) else type(value).__name__
+    raise TypeError(f"Invalid {name}: {value!r} (must be an optimizer class, a subclass of torch.optim.Optimizer, "
+                    f"got {got})")
+
+
 def _decay_lr_power(impl: type, decoupled_wd: bool, decay_lr_power: int | None) -> int:
     """How ``impl`` couples weight decay to lr: explicit argument, else 0 if decoupled, else the
     class's ``decay_lr_power`` attribute, else 1 (decay multiplied by lr)."""
+    if not isinstance(decoupled_wd, bool):
+        raise TypeError(f"Invalid decoupled_wd: {decoupled_wd!r} (must be True or False, got "
+                        f"{type(decoupled_wd).__name__})")
     if decay_lr_power is None:
-        return 0 if decoupled_wd else int(getattr(impl, "decay_lr_power", 1))
+        if decoupled_wd:
+            return 0
+        power = getattr(impl, "decay_lr_power", 1)
+        check_decay_lr_power(f"{impl.__name__}.decay_lr_power", power)
+        return power
+    check_decay_lr_power("decay_lr_power", decay_lr_power)
     if decoupled_wd and decay_lr_power != 0:
         raise ValueError(f"decoupled_wd=True contradicts decay_lr_power={decay_lr_power!r}: pass one of them")
     return decay_lr_power
+
+
+def _base_value(impl: type, kwargs: Mapping[str, Any], name: str, fallback: Any) -> Any:
+    """Base-width value of the scaled hyperparameter ``name``: from ``kwargs``, else ``impl``'s
+    default, else ``fallback``; checked to be a real number. A missing lr raises ValueError."""
+    value = kwargs[name] if name in kwargs else _default(impl, name, fallback)
+    if name == "lr" and "lr" not in kwargs and value is None:
+        raise ValueError(f"lr is required: {impl.__name__} has no default learning rate")
+    check_real(name, value)
+    return value
 
 
 def mu_optimizer(
@@ -77,18 +111,44 @@ def mu_optimizer(
 
     Returns:
         The optimizer, guarded against loading a state dict of a different muP grouping.
+
+    Raises:
+        TypeError: ``impl`` is not an optimizer class, or lr / weight_decay is not a real number.
+        ValueError: an unknown rule, a missing lr, or inconsistent decay arguments; raised before
+            ``params`` is read or any group is built.
     """
-    if not isinstance(impl, type):
-        raise TypeError(f"impl must be an optimizer class, got {impl!r}")
-    lr = kwargs.get("lr", _default(impl, "lr", None))
-    if lr is None:
-        raise ValueError(f"lr is required: {impl.__name__} has no default learning rate")
-    decay = {"weight_decay": kwargs.get("weight_decay", _default(impl, "weight_decay", 0.0))}
-    groups = mu_param_groups(params, rule, lr=float(lr), decay_keys=decay,
-                             decay_lr_power=_decay_lr_power(impl, decoupled_wd, decay_lr_power), infshapes=infshapes)
+    _check_optimizer_class("impl", impl)
+    check_rule("rule", rule)
+    lr = _base_value(impl, kwargs, "lr", None)
+    decay = {"weight_decay": _base_value(impl, kwargs, "weight_decay", 0.0)}
+    power = _decay_lr_power(impl, decoupled_wd, decay_lr_power)
+    groups = mu_param_groups(params, rule, lr=float(lr), decay_keys=decay, decay_lr_power=power, infshapes=infshapes)
     optimizer = impl(groups, **kwargs)
     grouping_guard(optimizer)
     return optimizer
+
+
+def _mu_factory(factory: Callable[..., Optimizer], rule: str, params: Any, impl: type, decoupled_wd: bool,
+                kwargs: dict[str, Any]) -> Optimizer:
+    """:func:`mu_optimizer` under ``rule`` for ``factory``, refusing an ``impl`` that follows the other rule."""
+    _check_optimizer_class("impl", impl)
+    impl_rule = infer_rule(impl)
+    if impl_rule is not None and impl_rule != rule:
+        raise ValueError(
+            f"{factory.__name__} uses the {rule!r} rule but impl={impl.__name__} follows the {impl_rule!r} rule: "
+            f"use {_factory_for(impl, impl_rule, factory)}, or mu_optimizer(params, impl, rule={rule!r}) to force "
+            f"the {rule!r} rule")
+    return mu_optimizer(params, impl, rule, decoupled_wd=decoupled_wd, **kwargs)
+
+
+def _factory_for(impl: type, impl_rule: str, factory: Callable[..., Optimizer]) -> str:
+    """Name of the factory to use for ``impl``: the one built for it (or a parent class), else the
+    factory of ``impl_rule`` in the same form (primal, closure or reference) as ``factory``."""
+    for candidate in FACTORIES:
+        if issubclass(impl, inspect.signature(candidate).parameters["impl"].default):
+            return candidate.__name__
+    form = factory.__name__.rsplit("ScheduleFree", 1)[1]
+    return {"adam": "MuAdamW_ScheduleFree", "sgd": "MuSGD_ScheduleFree"}[impl_rule] + form
 
 
 def MuAdamW_ScheduleFree(params: Any, impl: type = AdamWScheduleFree, decoupled_wd: bool = False, **kwargs: Any) -> Optimizer:
@@ -108,8 +168,13 @@ def MuAdamW_ScheduleFree(params: Any, impl: type = AdamWScheduleFree, decoupled_
 
     Returns:
         The optimizer.
+
+    Raises:
+        TypeError: ``impl`` is not an optimizer class, or lr / weight_decay is not a real number.
+        ValueError: ``impl`` follows the SGD rule (its ``mup_rule``, or a known SGD-like class):
+            use the matching factory, or :func:`mu_optimizer` with an explicit rule to override.
     """
-    return mu_optimizer(params, impl, "adam", decoupled_wd=decoupled_wd, **kwargs)
+    return _mu_factory(MuAdamW_ScheduleFree, "adam", params, impl, decoupled_wd, kwargs)
 
 
 def MuRAdam_ScheduleFree(params: Any, impl: type = RAdamScheduleFree, decoupled_wd: bool = False, **kwargs: Any) -> Optimizer:
@@ -118,7 +183,7 @@ def MuRAdam_ScheduleFree(params: Any, impl: type = RAdamScheduleFree, decoupled_
     Returns:
         The optimizer.
     """
-    return mu_optimizer(params, impl, "adam", decoupled_wd=decoupled_wd, **kwargs)
+    return _mu_factory(MuRAdam_ScheduleFree, "adam", params, impl, decoupled_wd, kwargs)
 
 
 def MuSGD_ScheduleFree(params: Any, impl: type = SGDScheduleFree, decoupled_wd: bool = False, **kwargs: Any) -> Optimizer:
@@ -128,7 +193,7 @@ def MuSGD_ScheduleFree(params: Any, impl: type = SGDScheduleFree, decoupled_wd: 
     Returns:
         The optimizer.
     """
-    return mu_optimizer(params, impl, "sgd", decoupled_wd=decoupled_wd, **kwargs)
+    return _mu_factory(MuSGD_ScheduleFree, "sgd", params, impl, decoupled_wd, kwargs)
 
 
 def MuAdamW_ScheduleFreeClosure(params: Any, impl: type = AdamWScheduleFreeClosure, decoupled_wd: bool = False,
@@ -138,7 +203,7 @@ def MuAdamW_ScheduleFreeClosure(params: Any, impl: type = AdamWScheduleFreeClosu
     Returns:
         The optimizer.
     """
-    return mu_optimizer(params, impl, "adam", decoupled_wd=decoupled_wd, **kwargs)
+    return _mu_factory(MuAdamW_ScheduleFreeClosure, "adam", params, impl, decoupled_wd, kwargs)
 
 
 def MuRAdam_ScheduleFreeClosure(params: Any, impl: type = RAdamScheduleFreeClosure, decoupled_wd: bool = False,
@@ -148,7 +213,7 @@ def MuRAdam_ScheduleFreeClosure(params: Any, impl: type = RAdamScheduleFreeClosu
     Returns:
         The optimizer.
     """
-    return mu_optimizer(params, impl, "adam", decoupled_wd=decoupled_wd, **kwargs)
+    return _mu_factory(MuRAdam_ScheduleFreeClosure, "adam", params, impl, decoupled_wd, kwargs)
 
 
 def MuSGD_ScheduleFreeClosure(params: Any, impl: type = SGDScheduleFreeClosure, decoupled_wd: bool = False,
@@ -158,7 +223,7 @@ def MuSGD_ScheduleFreeClosure(params: Any, impl: type = SGDScheduleFreeClosure, 
     Returns:
         The optimizer.
     """
-    return mu_optimizer(params, impl, "sgd", decoupled_wd=decoupled_wd, **kwargs)
+    return _mu_factory(MuSGD_ScheduleFreeClosure, "sgd", params, impl, decoupled_wd, kwargs)
 
 
 def MuAdamW_ScheduleFreeReference(params: Any, impl: type = AdamWScheduleFreeReference, decoupled_wd: bool = False,
@@ -168,7 +233,7 @@ def MuAdamW_ScheduleFreeReference(params: Any, impl: type = AdamWScheduleFreeRef
     Returns:
         The optimizer.
     """
-    return mu_optimizer(params, impl, "adam", decoupled_wd=decoupled_wd, **kwargs)
+    return _mu_factory(MuAdamW_ScheduleFreeReference, "adam", params, impl, decoupled_wd, kwargs)
 
 
 def MuSGD_ScheduleFreeReference(params: Any, impl: type = SGDScheduleFreeReference, decoupled_wd: bool = False,
@@ -178,7 +243,7 @@ def MuSGD_ScheduleFreeReference(params: Any, impl: type = SGDScheduleFreeReferen
     Returns:
         The optimizer.
     """
-    return mu_optimizer(params, impl, "sgd", decoupled_wd=decoupled_wd, **kwargs)
+    return _mu_factory(MuSGD_ScheduleFreeReference, "sgd", params, impl, decoupled_wd, kwargs)
 
 
 def MuScheduleFreeWrapper(
@@ -216,20 +281,34 @@ def MuScheduleFreeWrapper(
 
     Returns:
         The wrapper.
+
+    Raises:
+        TypeError: ``base_impl`` is not an optimizer class, or a scaled or numeric wrapper
+            argument is not a real number.
+        ValueError: no rule given for a class whose rule is unknown, or an unknown rule. An
+            explicit ``rule`` overrides the one inferred from ``base_impl``.
     """
+    _check_optimizer_class("base_impl", base_impl)
     rule = rule if rule is not None else infer_rule(base_impl)
     if rule is None:
-        raise ValueError(f"rule is required for base_impl={getattr(base_impl, '__name__', base_impl)!r}: "
+        raise ValueError(f"rule is required for base_impl={base_impl.__name__}: "
                          "pass rule='adam' (entrywise-normalised updates) or rule='sgd' (raw-gradient updates)")
+    check_rule("rule", rule)
+    for name, value in (("weight_decay_at_y", weight_decay_at_y), ("momentum", momentum),
+                        ("weight_lr_power", weight_lr_power), ("r", r)):
+        check_real(name, value)
     infshapes = base_kwargs.pop("infshapes", None)
     power = _decay_lr_power(base_impl, decoupled_wd, base_kwargs.pop("decay_lr_power", None))
-    lr = base_kwargs.get("lr", _default(base_impl, "lr", None))
-    if lr is None:
-        raise ValueError(f"lr is required: {base_impl.__name__} has no default learning rate")
-    decay = {"weight_decay": base_kwargs.get("weight_decay", _default(base_impl, "weight_decay", 0.0)),
+    lr = _base_value(base_impl, base_kwargs, "lr", None)
+    decay = {"weight_decay": _base_value(base_impl, base_kwargs, "weight_decay", 0.0),
              "weight_decay_at_y": weight_decay_at_y}
     groups = mu_param_groups(params, rule, lr=float(lr), decay_keys=decay, decay_lr_power=power, infshapes=infshapes)
     wrapper = ScheduleFreeWrapper(base_impl(groups, **base_kwargs), weight_decay_at_y=weight_decay_at_y,
                                   momentum=momentum, weight_lr_power=weight_lr_power, r=r)
     grouping_guard(wrapper)
     return wrapper
+
+
+FACTORIES = (MuAdamW_ScheduleFree, MuRAdam_ScheduleFree, MuSGD_ScheduleFree, MuAdamW_ScheduleFreeClosure,
+             MuRAdam_ScheduleFreeClosure, MuSGD_ScheduleFreeClosure, MuAdamW_ScheduleFreeReference,
+             MuSGD_ScheduleFreeReference)

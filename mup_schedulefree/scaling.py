@@ -26,13 +26,57 @@ applied by multiplying or dividing by the shape quantity, as mup does).
 """
 from __future__ import annotations
 
+import numbers
 import os
+import sys
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import torch
 
 RULES = ("adam", "sgd")
 ROLE_ORDER = {"adam": ("matrix-like", "vector-like"), "sgd": ("matrix-like", "vector-like", "fixed")}
+DECAY_LR_POWERS = (0, 1, 2)
+
+
+def check_real(name: str, value: Any) -> None:
+    """Raise TypeError naming ``name`` unless ``value`` is a real number or a 1-element tensor.
+
+    A bool is not a number here, and neither is a string that spells one. A 1-element real
+    tensor is accepted because torch.optim accepts a tensor lr.
+
+    Args:
+        name: argument name shown in the message (e.g. ``"lr"``).
+        value: the value supplied by the user.
+    """
+    if isinstance(value, torch.Tensor):
+        if value.numel() == 1 and value.dtype != torch.bool and not value.is_complex():
+            return
+        raise TypeError(f"Invalid {name}: {value!r} (must be a real number or a 1-element real tensor, "
+                        f"got a {value.dtype} tensor of shape {tuple(value.shape)})")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"Invalid {name}: {value!r} (must be a real number, got {type(value).__name__})")
+
+
+def check_rule(name: str, rule: Any) -> None:
+    """Raise ValueError naming ``name`` unless ``rule`` is one of :data:`RULES`.
+
+    Args:
+        name: argument name shown in the message (e.g. ``"rule"``).
+        rule: the value supplied by the user.
+    """
+    if not isinstance(rule, str) or rule not in RULES:
+        raise ValueError(f"Invalid {name}: {rule!r} (must be one of {RULES})")
+
+
+def check_decay_lr_power(name: str, power: Any) -> None:
+    """Raise ValueError naming ``name`` unless ``power`` is the int 0, 1 or 2.
+
+    Args:
+        name: argument name shown in the message (e.g. ``"decay_lr_power"``).
+        power: the value supplied by the user.
+    """
+    if isinstance(power, bool) or not isinstance(power, numbers.Integral) or power not in DECAY_LR_POWERS:
+        raise ValueError(f"Invalid {name}: {power!r} (must be the int 0, 1 or 2)")
 
 
 def apply_power(value: float, key: float, exponent: int) -> float:
@@ -72,8 +116,7 @@ class Scaling(NamedTuple):
             decay_lr_power: q, the power of lr that multiplies the decay in the optimizer's step
                 (1: decay x lr, 2: decay x lr^2, 0: decoupled).
         """
-        if decay_lr_power not in (0, 1, 2):
-            raise ValueError(f"Invalid decay_lr_power: {decay_lr_power!r} (must be 0, 1 or 2)")
+        check_decay_lr_power("decay_lr_power", decay_lr_power)
         return apply_power(weight_decay, self.key, -decay_lr_power * self.exponent)
 
 
@@ -89,8 +132,7 @@ def parameter_scaling(infshape: Any, rule: str, name: str = "parameter") -> Scal
     Returns:
         Its role, grouping key and lr exponent.
     """
-    if rule not in RULES:
-        raise ValueError(f"Invalid rule: {rule!r} (must be one of {RULES})")
+    check_rule("rule", rule)
     ninf = infshape.ninf()
     if ninf > 2:
         raise ValueError(
@@ -204,11 +246,26 @@ def mu_param_groups(
 
     Returns:
         The new group dicts, ready for an optimizer constructor.
+
+    Raises:
+        TypeError: a non-number lr or decay (argument or group entry), or params of the wrong kind.
+        ValueError: an unknown rule or decay_lr_power, no parameters, or a parameter without an
+            infshape. Every argument is checked before any group is built.
     """
+    check_rule("rule", rule)
+    check_real("lr", lr)
+    for key, default in decay_keys.items():
+        check_real(key, default)
+    check_decay_lr_power("decay_lr_power", decay_lr_power)
     shapes = resolve_infshapes(infshapes)
+    groups = _normalise(params)
+    for number, group in enumerate(groups):
+        for key in ("lr", *decay_keys):
+            if key in group:
+                check_real(f"{key} of params group {number}", group[key])
     new_groups: list[dict[str, Any]] = []
     index = 0
-    for group in _normalise(params):
+    for group in groups:
         buckets: dict[tuple[str, float], dict[str, Any]] = {}
         for name, p in group["params"]:
             scaling = parameter_scaling(_infshape(p, name, index, shapes), rule, _name_of(index, name, p))
@@ -287,24 +344,44 @@ def _check_hook(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) ->
     check_same_grouping(state_dict["param_groups"], optimizer.param_groups)
 
 
+# Classes of the published schedulefree package, by name (it is an optional dependency).
+PUBLISHED_SGD_LIKE = ("SGDScheduleFree", "SGDScheduleFreeClosure", "SGDScheduleFreeReference")
+PUBLISHED_ADAM_LIKE = ("AdamWScheduleFree", "AdamWScheduleFreeClosure", "AdamWScheduleFreeReference",
+                       "AdamWScheduleFreePaper", "RAdamScheduleFree", "RAdamScheduleFreeClosure")
+
+
 def infer_rule(optimizer_class: type) -> str | None:
-    """muP rule for well-known optimizer classes: "sgd" for SGD-like, "adam" for Adam-like, else None.
+    """The muP rule an optimizer class follows, or None when it is not known.
+
+    A class states its rule in a ``mup_rule`` attribute ("adam" or "sgd"), as this package's
+    optimizers do. Otherwise torch.optim's and the published ``schedulefree`` package's classes
+    are known: SGD-like ones follow "sgd", Adam-like ones (entrywise-normalised updates) "adam".
 
     Args:
         optimizer_class: an optimizer class.
 
     Returns:
-        The rule, or None when the class is not known.
-    """
-    from torch import optim
+        The rule, or None when the class is not a class, or neither states nor has a known rule.
 
-    sgd_like = (optim.SGD, optim.ASGD)
-    adam_like = (optim.Adam, optim.AdamW, optim.RAdam, optim.NAdam, optim.Adamax, optim.RMSprop, optim.Adagrad)
+    Raises:
+        ValueError: the class states a ``mup_rule`` that is not one of :data:`RULES`.
+    """
     if not isinstance(optimizer_class, type):
         return None
-    if issubclass(optimizer_class, sgd_like):
+    stated = getattr(optimizer_class, "mup_rule", None)
+    if stated is not None:
+        check_rule(f"{optimizer_class.__name__}.mup_rule", stated)
+        return stated
+    optim = torch.optim
+    sgd_like = [optim.SGD, optim.ASGD]
+    adam_like = [optim.Adam, optim.AdamW, optim.RAdam, optim.NAdam, optim.Adamax, optim.RMSprop, optim.Adagrad]
+    published = sys.modules.get("schedulefree")  # loaded whenever one of its classes exists
+    if published is not None:
+        sgd_like += [getattr(published, name) for name in PUBLISHED_SGD_LIKE if hasattr(published, name)]
+        adam_like += [getattr(published, name) for name in PUBLISHED_ADAM_LIKE if hasattr(published, name)]
+    if issubclass(optimizer_class, tuple(sgd_like)):
         return "sgd"
-    if issubclass(optimizer_class, adam_like):
+    if issubclass(optimizer_class, tuple(adam_like)):
         return "adam"
     return None
 
@@ -312,6 +389,9 @@ def infer_rule(optimizer_class: type) -> str | None:
 __all__ = [
     "RULES",
     "Scaling",
+    "check_real",
+    "check_rule",
+    "check_decay_lr_power",
     "parameter_scaling",
     "apply_power",
     "mu_param_groups",

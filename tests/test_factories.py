@@ -20,6 +20,7 @@ from functools import partial
 from typing import Any, Callable
 
 import mup
+import numpy as np
 import pytest
 import schedulefree
 import torch
@@ -625,13 +626,6 @@ def test_infshapes_need_named_parameters_and_every_name():
         msf.MuAdamW_ScheduleFree(clone.named_parameters(), lr=0.01, infshapes=shapes)
 
 
-@pytest.mark.parametrize("impl", [lambda groups, **kw: torch.optim.Adam(groups, **kw), "Adam"], ids=["function", "str"])
-def test_impl_that_is_not_a_class_raises_type_error(impl):
-    """Oracle: impl must be an optimizer class."""
-    with pytest.raises(TypeError, match="impl"):
-        msf.MuAdamW_ScheduleFree(mixed_net().parameters(), impl=impl, lr=0.01)
-
-
 def test_wrapper_needs_a_rule_for_an_unknown_base_class():
     """Oracle: only torch.optim's Adam-like and SGD-like classes have a known rule; Adadelta has
     none, so the error asks for ``rule``; with rule given it builds."""
@@ -647,3 +641,184 @@ def test_empty_or_bare_tensor_params_are_rejected():
         msf.MuAdamW_ScheduleFree([], lr=0.01)
     with pytest.raises(TypeError, match="Tensor"):
         msf.MuAdamW_ScheduleFree(mixed_net().inp.weight, lr=0.01)
+
+
+# ---------------------------------------------------------------- bad arguments: named, refused before any build
+
+
+def mu_optimizer_adam(params: Any, **kwargs: Any) -> torch.optim.Optimizer:
+    """mu_optimizer with the Adam rule and our AdamW, called like a factory."""
+    return msf.mu_optimizer(params, kwargs.pop("impl", msf.AdamWScheduleFree), "adam", **kwargs)
+
+
+ALL_FACTORIES = [*FACTORY_PARAMS, pytest.param(mu_optimizer_adam, id="mu_optimizer")]
+IMPL_ARGUMENT = {msf.MuScheduleFreeWrapper: "base_impl"}  # every other factory calls it impl
+
+
+def not_an_optimizer(groups: Any, **kwargs: Any) -> torch.optim.Optimizer:
+    """A function that builds an optimizer: callable like a class, but not one."""
+    return torch.optim.Adam(groups, **kwargs)
+
+
+NON_NUMBERS = [pytest.param(None, id="None"), pytest.param("1e-2", id="str"), pytest.param(True, id="bool"),
+               pytest.param([0.01], id="list")]
+NON_CLASSES = [pytest.param(torch.nn.Linear, id="nn.Linear"), pytest.param(42, id="int"),
+               pytest.param(not_an_optimizer, id="function"), pytest.param("Adam", id="str")]
+
+
+def assert_names(message: str, name: str, value: Any) -> None:
+    """The project's dialect: one line, ``Invalid <name>: <repr(value)> (...)``."""
+    assert "\n" not in message
+    assert message.startswith(f"Invalid {name}: {value!r} ("), message
+
+
+@pytest.mark.parametrize("value", NON_NUMBERS)
+@pytest.mark.parametrize("name", ["lr", "weight_decay"])
+@pytest.mark.parametrize("factory", ALL_FACTORIES)
+def test_non_number_lr_or_weight_decay_raises_type_error_naming_it_before_params_are_read(factory, name, value):
+    """Oracle: the value given. TypeError whose one-line message names the argument and repeats
+    the value (a bool is not a number); the params generator is still unread afterwards, so the
+    check came before any group was built."""
+    model = mixed_net()
+    params = model.parameters()
+    with pytest.raises(TypeError) as error:
+        factory(params, **{"lr": 0.01, "weight_decay": 0.0, name: value})
+    assert_names(str(error.value), name, value)
+    assert len(list(params)) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("value", NON_CLASSES)
+@pytest.mark.parametrize("factory", ALL_FACTORIES)
+def test_impl_that_is_not_an_optimizer_class_raises_type_error_naming_it(factory, value):
+    """Oracle: the value given. nn.Linear is a class but not a torch.optim.Optimizer; 42 and a
+    function are not classes. TypeError naming ``impl`` (``base_impl`` for the wrapper)."""
+    name = IMPL_ARGUMENT.get(factory, "impl")
+    params = mixed_net().parameters()
+    with pytest.raises(TypeError) as error:
+        factory(params, lr=0.01, **{name: value})
+    assert_names(str(error.value), name, value)
+    assert "torch.optim.Optimizer" in str(error.value)
+    assert len(list(params)) > 0
+
+
+@pytest.mark.parametrize("value", NON_NUMBERS)
+@pytest.mark.parametrize("name", ["weight_decay_at_y", "momentum", "weight_lr_power", "r"])
+def test_wrapper_refuses_a_non_number_for_its_own_arguments(name, value):
+    """Oracle: the value given; the wrapper factory's numeric arguments are checked like lr."""
+    params = mixed_net().parameters()
+    with pytest.raises(TypeError) as error:
+        msf.MuScheduleFreeWrapper(params, torch.optim.SGD, lr=0.1, **{name: value})
+    assert_names(str(error.value), name, value)
+    assert len(list(params)) > 0
+
+
+@pytest.mark.parametrize("factory", ALL_FACTORIES)
+def test_decoupled_wd_and_decay_lr_power_of_the_wrong_kind_are_named(factory):
+    """Oracle: decoupled_wd is a bool, decay_lr_power the int 0, 1 or 2 (True and 1.0 are not)."""
+    for kwargs, name, value, kind in [({"decoupled_wd": "yes"}, "decoupled_wd", "yes", TypeError),
+                                      ({"decay_lr_power": True}, "decay_lr_power", True, ValueError),
+                                      ({"decay_lr_power": 1.0}, "decay_lr_power", 1.0, ValueError)]:
+        with pytest.raises(kind) as error:
+            factory(mixed_net().parameters(), lr=0.01, **kwargs)
+        assert_names(str(error.value), name, value)
+
+
+@pytest.mark.parametrize("factory", ALL_FACTORIES)
+def test_tensor_numpy_and_int_hyperparameters_give_the_groups_of_the_float(factory):
+    """Oracle: the same factory with lr=0.5, weight_decay=0.25 as Python floats (both exact in
+    float32). A 0-dim or 1-element tensor lr (torch.optim accepts one) and a numpy lr give equal
+    group lrs (exact: the base lr becomes a float before scaling) and an int lr the float's. A
+    tensor decay is scaled as a float32 tensor (rel. 1e-7 of the float's)."""
+    def groups(lr: Any, weight_decay: Any) -> list[tuple[float, float]]:
+        optimizer = factory(mixed_net(24, 48).parameters(), lr=lr, weight_decay=weight_decay)
+        return [(float(g["lr"]), float(g["weight_decay"])) for g in optimizer.param_groups]
+
+    expected = groups(0.5, 0.25)
+    for lr in (torch.tensor(0.5), torch.tensor([0.5]), np.float64(0.5), np.float32(0.5)):
+        assert groups(lr, np.float64(0.25)) == expected, repr(lr)
+    assert groups(1, 0) == groups(1.0, 0.0)
+    tensor_decay = groups(0.5, torch.tensor(0.25))
+    assert [lr for lr, _ in tensor_decay] == [lr for lr, _ in expected]
+    assert [wd for _, wd in tensor_decay] == pytest.approx([wd for _, wd in expected], rel=1e-7)
+
+
+# Which factory follows which package class (each factory's default impl), and its rule: the oracle
+# for the suggestion in the rule-contradiction error.
+FACTORY_OF = {
+    msf.AdamWScheduleFree: ("MuAdamW_ScheduleFree", "adam"),
+    msf.RAdamScheduleFree: ("MuRAdam_ScheduleFree", "adam"),
+    msf.SGDScheduleFree: ("MuSGD_ScheduleFree", "sgd"),
+    msf.AdamWScheduleFreeClosure: ("MuAdamW_ScheduleFreeClosure", "adam"),
+    msf.RAdamScheduleFreeClosure: ("MuRAdam_ScheduleFreeClosure", "adam"),
+    msf.SGDScheduleFreeClosure: ("MuSGD_ScheduleFreeClosure", "sgd"),
+    msf.AdamWScheduleFreeReference: ("MuAdamW_ScheduleFreeReference", "adam"),
+    msf.SGDScheduleFreeReference: ("MuSGD_ScheduleFreeReference", "sgd"),
+}
+RULE_OF_FACTORY = {name: rule for name, rule in FACTORY_OF.values()}
+CONTRADICTIONS = [pytest.param(getattr(msf, factory), impl, FACTORY_OF[impl][0], id=f"{factory}-{impl.__name__}")
+                  for factory, rule in RULE_OF_FACTORY.items() for impl, (_, impl_rule) in FACTORY_OF.items()
+                  if impl_rule != rule]
+# torch's and the published classes: the suggestion is the other rule's factory in the same form.
+CONTRADICTIONS += [
+    pytest.param(msf.MuAdamW_ScheduleFree, torch.optim.SGD, "MuSGD_ScheduleFree", id="MuAdamW-torch.SGD"),
+    pytest.param(msf.MuSGD_ScheduleFreeClosure, torch.optim.AdamW, "MuAdamW_ScheduleFreeClosure",
+                 id="MuSGD_Closure-torch.AdamW"),
+    pytest.param(msf.MuRAdam_ScheduleFree, schedulefree.SGDScheduleFree, "MuSGD_ScheduleFree",
+                 id="MuRAdam-published.SGD"),
+    pytest.param(msf.MuSGD_ScheduleFreeReference, schedulefree.AdamWScheduleFreeReference,
+                 "MuAdamW_ScheduleFreeReference", id="MuSGD_Reference-published.AdamWReference"),
+]
+
+
+@pytest.mark.parametrize("factory, impl, suggested", CONTRADICTIONS)
+def test_impl_following_the_other_rule_raises_naming_both_rules_and_the_right_factory(factory, impl, suggested):
+    """Oracle: FACTORY_OF (each factory's rule and the factory built for each package class).
+    ValueError, one line, naming the factory, impl, both rules and the factory to use instead
+    and the mu_optimizer override; the params generator is still unread."""
+    rule = RULE_OF_FACTORY[factory.__name__]
+    other = {"adam": "sgd", "sgd": "adam"}[rule]
+    params = mixed_net().parameters()
+    with pytest.raises(ValueError) as error:
+        factory(params, impl=impl, lr=0.01)
+    message = str(error.value)
+    assert "\n" not in message
+    assert message.startswith(f"{factory.__name__} uses the {rule!r} rule but impl={impl.__name__} follows the "
+                              f"{other!r} rule: use {suggested}, or "), message
+    assert f"mu_optimizer(params, impl, rule={rule!r})" in message
+    assert len(list(params)) > 0
+
+
+@pytest.mark.parametrize("impl, forced", [(msf.SGDScheduleFree, "adam"), (msf.AdamWScheduleFreeClosure, "sgd"),
+                                          (torch.optim.Adam, "sgd")])
+def test_mu_optimizer_rule_overrides_the_rule_of_impl(impl, forced):
+    """Oracle: mup_lr / mup_wd under the forced rule (exact); the explicit rule is obeyed."""
+    model = mixed_net(24, 48)
+    optimizer = msf.mu_optimizer(model.parameters(), impl, forced, lr=0.01, weight_decay=0.1)
+    for group in optimizer.param_groups:
+        assert group["mup_rule"] == forced
+        for p in group["params"]:
+            assert (group["lr"], group["weight_decay"]) == (mup_lr(p, forced, 0.01), mup_wd(p, forced, 0.1))
+
+
+@pytest.mark.parametrize("rule, factory", [("adam", msf.MuAdamW_ScheduleFree), ("sgd", msf.MuSGD_ScheduleFree)])
+def test_impl_of_unknown_rule_takes_the_factory_rule_as_before(rule, factory):
+    """Oracle: mup_lr under the factory's rule. torch.optim.Adadelta has no known muP rule, so
+    either factory builds with its own rule (no contradiction can be detected)."""
+    model = mixed_net(24, 48)
+    optimizer = factory(model.parameters(), impl=torch.optim.Adadelta, lr=1.0)
+    for group in optimizer.param_groups:
+        assert group["mup_rule"] == rule
+        assert all(group["lr"] == mup_lr(p, rule, 1.0) for p in group["params"])
+
+
+@pytest.mark.parametrize("base_impl, rule", [(torch.optim.SGD, "sgd"), (torch.optim.Adam, "adam"),
+                                             (msf.SGDScheduleFree, "sgd"), (msf.RAdamScheduleFree, "adam")],
+                         ids=["torch.SGD", "torch.Adam", "ours-SGD", "ours-RAdam"])
+def test_wrapper_infers_its_rule_from_the_base_class(base_impl, rule):
+    """Oracle: the base class's known rule (torch's classes by kind, ours by ``mup_rule``); an
+    explicit rule still overrides it."""
+    wrapper = msf.MuScheduleFreeWrapper(mixed_net(24, 48).parameters(), base_impl, lr=0.01)
+    assert {g["mup_rule"] for g in wrapper.param_groups} == {rule}
+    other = {"adam": "sgd", "sgd": "adam"}[rule]
+    forced = msf.MuScheduleFreeWrapper(mixed_net(24, 48).parameters(), base_impl, rule=other, lr=0.01)
+    assert {g["mup_rule"] for g in forced.param_groups} == {other}

@@ -13,14 +13,18 @@ of the lr multiplier (exactly mup's floats), q = 2 its square, q = 0 (decoupled)
 """
 from __future__ import annotations
 
+import copy
+
 import pytest
+import schedulefree
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from mup.infshape import InfDim, InfShape
 
+import mup_schedulefree as msf
 from mup_schedulefree import mu_param_groups
-from mup_schedulefree.scaling import Scaling, parameter_scaling
+from mup_schedulefree.scaling import Scaling, infer_rule, parameter_scaling
 
 LR, WD = 0.01, 0.1
 
@@ -137,3 +141,116 @@ def test_lr_power_times_decay_is_width_independent(dims, rule, q, lr, wd):
     assert scaled == pytest.approx(lr**q * wd, rel=1e-12, abs=1e-300)
     roles = {"adam": {2: "matrix-like"}, "sgd": {2: "matrix-like", 1: "vector-like", 0: "fixed"}}[rule]
     assert scaling.role == roles.get(shape.ninf(), "vector-like")
+
+
+# ---------------------------------------------------------------- infer_rule
+
+
+# The rule of each class, written out: Adam-like (entrywise-normalised update) or SGD-like.
+PACKAGE_RULES = {
+    msf.AdamWScheduleFree: "adam", msf.AdamWScheduleFreeClosure: "adam", msf.AdamWScheduleFreeReference: "adam",
+    msf.RAdamScheduleFree: "adam", msf.RAdamScheduleFreeClosure: "adam",
+    msf.SGDScheduleFree: "sgd", msf.SGDScheduleFreeClosure: "sgd", msf.SGDScheduleFreeReference: "sgd",
+}
+KNOWN_RULES = {
+    torch.optim.SGD: "sgd", torch.optim.ASGD: "sgd", torch.optim.Adam: "adam", torch.optim.AdamW: "adam",
+    torch.optim.RAdam: "adam", torch.optim.NAdam: "adam", torch.optim.Adamax: "adam", torch.optim.RMSprop: "adam",
+    torch.optim.Adagrad: "adam",
+    schedulefree.SGDScheduleFree: "sgd", schedulefree.SGDScheduleFreeClosure: "sgd",
+    schedulefree.SGDScheduleFreeReference: "sgd", schedulefree.AdamWScheduleFree: "adam",
+    schedulefree.AdamWScheduleFreeClosure: "adam", schedulefree.AdamWScheduleFreeReference: "adam",
+    schedulefree.AdamWScheduleFreePaper: "adam", schedulefree.RAdamScheduleFree: "adam",
+    schedulefree.RAdamScheduleFreeClosure: "adam",
+}
+
+
+@pytest.mark.parametrize("cls, rule", [pytest.param(c, r, id=c.__name__) for c, r in PACKAGE_RULES.items()])
+def test_infer_rule_reads_the_mup_rule_of_every_package_class(cls, rule):
+    """Oracle: PACKAGE_RULES (written out above); each class states it as ``mup_rule`` and
+    infer_rule returns that attribute."""
+    assert cls.mup_rule == rule
+    assert infer_rule(cls) == rule
+
+
+@pytest.mark.parametrize("cls, rule", [pytest.param(c, r, id=f"{c.__module__.split('.')[0]}.{c.__name__}")
+                                       for c, r in KNOWN_RULES.items()])
+def test_infer_rule_knows_torch_and_published_schedulefree_classes(cls, rule):
+    """Oracle: KNOWN_RULES (written out above), for classes that state no ``mup_rule``."""
+    assert not hasattr(cls, "mup_rule")
+    assert infer_rule(cls) == rule
+
+
+def test_infer_rule_prefers_a_stated_rule_and_refuses_an_unknown_one():
+    """Oracle: the stated attribute. A subclass of torch's SGD stating "adam" follows "adam";
+    classes of unknown kind (Adadelta, either ScheduleFreeWrapper, nn.Linear) and non-classes
+    give None; a stated rule that is not "adam"/"sgd" raises ValueError naming the attribute."""
+    class AdamLikeSGD(torch.optim.SGD):
+        mup_rule = "adam"
+
+    class Lion(torch.optim.Optimizer):
+        mup_rule = "lion"
+
+    assert infer_rule(AdamLikeSGD) == "adam"
+    for unknown in (torch.optim.Adadelta, msf.ScheduleFreeWrapper, schedulefree.ScheduleFreeWrapper,
+                    torch.nn.Linear, 42, "Adam"):
+        assert infer_rule(unknown) is None, unknown
+    with pytest.raises(ValueError, match=r"^Invalid Lion\.mup_rule: 'lion' \(must be one of"):
+        infer_rule(Lion)
+
+
+# ---------------------------------------------------------------- mu_param_groups arguments
+
+
+def shaped_parameters() -> list[tuple[str, torch.nn.Parameter]]:
+    """Two named parameters carrying hand-built infshapes (a matrix and a bias)."""
+    out = []
+    for name, shape in (("w", MATRIX), ("b", BIAS)):
+        p = torch.nn.Parameter(torch.zeros(shape.shape()))
+        p.infshape = shape
+        out.append((name, p))
+    return out
+
+
+@pytest.mark.parametrize("value", [None, "0.1", True, [0.1]], ids=["None", "str", "bool", "list"])
+def test_mu_param_groups_names_a_non_number_lr_or_decay_before_reading_params(value):
+    """Oracle: the value given. TypeError, one line, naming the argument (or the decay key) and
+    repeating the value; a params generator is still unread afterwards."""
+    for kwargs, name in (({"lr": value, "decay_keys": {"weight_decay": WD}}, "lr"),
+                         ({"lr": LR, "decay_keys": {"weight_decay": value}}, "weight_decay")):
+        params = (pair for pair in shaped_parameters())
+        with pytest.raises(TypeError) as error:
+            mu_param_groups(params, "adam", **kwargs)
+        assert str(error.value).startswith(f"Invalid {name}: {value!r} (must be a real number, got ")
+        assert "\n" not in str(error.value)
+        assert len(list(params)) == 2
+
+
+@pytest.mark.parametrize("key", ["lr", "weight_decay"])
+def test_mu_param_groups_names_a_non_number_in_a_user_group_and_leaves_the_groups_as_they_were(key):
+    """Oracle: the user's group dicts, deep-copied before the call. The error names the key and
+    the group's index; the dicts are unchanged."""
+    pairs = shaped_parameters()
+    groups = [{"params": pairs[:1], "lr": 0.03}, {"params": pairs[1:], key: "0.5"}]
+    before = copy.deepcopy(groups)
+    with pytest.raises(TypeError, match=rf"^Invalid {key} of params group 1: '0\.5' \(must be a real number"):
+        mu_param_groups(groups, "sgd", lr=LR, decay_keys={"weight_decay": WD})
+    assert len(groups) == len(before)
+    for group, saved in zip(groups, before):
+        assert group.keys() == saved.keys()
+        assert [name for name, _ in group["params"]] == [name for name, _ in saved["params"]]
+        assert all(group[k] == saved[k] for k in group if k != "params")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"rule": "lion"}, r"^Invalid rule: 'lion' \(must be one of"),
+    ({"rule": None}, r"^Invalid rule: None \(must be one of"),
+    ({"decay_lr_power": 3}, r"^Invalid decay_lr_power: 3 \(must be the int 0, 1 or 2\)"),
+    ({"decay_lr_power": True}, r"^Invalid decay_lr_power: True \(must be the int 0, 1 or 2\)"),
+    ({"decay_lr_power": 1.0}, r"^Invalid decay_lr_power: 1\.0 \(must be the int 0, 1 or 2\)"),
+], ids=["rule-lion", "rule-None", "power-3", "power-True", "power-1.0"])
+def test_mu_param_groups_names_an_unknown_rule_or_decay_power_before_reading_params(kwargs, message):
+    """Oracle: the rules "adam"/"sgd" and decay powers 0, 1, 2 (ints) are the only ones defined."""
+    params = (pair for pair in shaped_parameters())
+    with pytest.raises(ValueError, match=message):
+        mu_param_groups(params, **{"rule": "adam", "lr": LR, "decay_keys": {"weight_decay": WD}, **kwargs})
+    assert len(list(params)) == 2
