@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mup_schedulefree import AdamWScheduleFree
+from optim_infos import INFOS, param_groups, snapshot, train_step
 
 LR, STEPS = 1e-4, 50
 
@@ -124,3 +125,44 @@ def test_master_weights_false_behaves_like_published():
         assert state["z"].dtype == torch.bfloat16 and "param_fp32" not in state
     for ours, theirs in zip(end, published_end):
         assert torch.equal(ours, theirs)
+
+
+WRITE_PATHS: dict[str, Callable[[torch.Tensor, torch.Tensor], None]] = {
+    "p.data.copy_": lambda p, v: p.data.copy_(v),
+    "p.data = ...": lambda p, v: setattr(p, "data", v.clone()),
+    "p.copy_ under no_grad": lambda p, v: torch.no_grad()(p.copy_)(v),
+    "p.detach().copy_": lambda p, v: p.detach().copy_(v),
+    "nn.init on p.data": lambda p, v: nn.init.zeros_(p.data).add_(v),
+}
+MASTER_INFOS = [info for info in INFOS if "master_weights" in info.flags]
+
+
+@pytest.mark.parametrize("info", MASTER_INFOS, ids=str)
+@pytest.mark.parametrize("path", list(WRITE_PATHS))
+def test_every_write_to_a_bfloat16_parameter_reaches_its_master(info, path, make_model, make_batches, one_thread):
+    """A user writes new values into a bfloat16 parameter between steps, through ``path``.
+
+    Oracle: the same run in which the new values are also written into the float32 master
+    directly (what honouring the write means); after 3 more steps and eval() both runs are
+    bitwise equal. Detection by the private version counter missed ``p.data`` writes, and the
+    next step silently put the old master back."""
+    config = info.configs[0]
+    batches = make_batches(8, dtype=torch.bfloat16)
+    runs = []
+    for explicit_master in (False, True):
+        model = make_model(0, torch.bfloat16)
+        opt = info.make(param_groups(info, list(model.parameters()), config), config)
+        for batch in batches[:5]:
+            train_step(info, opt, model, batch)
+        target = list(model.parameters())[0]
+        written = (target.detach().float() * 0.5 + 0.01).to(torch.bfloat16)
+        WRITE_PATHS[path](target, written)
+        if explicit_master:
+            opt.state[target]["param_fp32"].copy_(written)
+        for batch in batches[5:]:
+            train_step(info, opt, model, batch)
+        if info.has_modes:
+            opt.eval()
+        runs.append(snapshot(model.parameters()))
+    for got, expected in zip(*runs):
+        assert torch.equal(got, expected), f"{info.name}: the write through {path} was lost"

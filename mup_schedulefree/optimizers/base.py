@@ -39,6 +39,29 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return to_local() if to_local is not None else t
 
 
+def real_view(t: torch.Tensor) -> torch.Tensor:
+    """A complex tensor as real pairs (``torch.view_as_real``), else ``t`` itself.
+
+    Complex parameters are updated as their real view, as torch's optimizers do: Adam's second
+    moment then tracks the squares of the real and imaginary parts separately.
+    """
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def describe_parameter(group: dict[str, Any], index: int, p: torch.Tensor) -> str:
+    """How error messages name a parameter: its name where the group records names, else its place.
+
+    Args:
+        group: the parameter's group (the factories record ``param_names``).
+        index: the parameter's index in the group.
+        p: the parameter.
+    """
+    names = group.get("param_names")
+    if names is not None and index < len(names):
+        return f"parameter {names[index]!r} (shape {tuple(p.shape)})"
+    return f"parameter {index} of its group (shape {tuple(p.shape)})"
+
+
 def kernel_buckets(group: dict[str, Any], lists: list[list[torch.Tensor]], prefix: str = ""
                    ) -> Iterator[tuple[list[list[torch.Tensor]], bool, bool]]:
     """Parallel tensor lists split by device and dtype, each with the group's kernel flags for it.
@@ -327,16 +350,64 @@ class ScheduleFreeCore(Optimizer):
     def _point(self, p: torch.Tensor) -> torch.Tensor:
         """The tensor the math updates for ``p``: its float32 master copy if it has one, else ``p``.
 
-        If ``p`` was written since the optimizer last wrote it (a user's ``load_state_dict``,
-        clamping, weight tying), the master takes the written value, as a float32 parameter would.
+        If ``p`` no longer holds its master rounded to its dtype, someone wrote it since the
+        optimizer did (``load_state_dict``, clamping, weight tying, ``p.data`` writes), and the
+        master takes the written value, as a float32 parameter would. The comparison is by value,
+        so every way of writing a tensor is seen.
         """
         master = self.state[p].get(MASTER)
         if master is None:
             return p
-        written = getattr(self, "_written_versions", {}).get(p)
-        if written is not None and written != p._version:
-            master.copy_(p)
+        held, kept = local(p), local(master)
+        if not torch.equal(held, kept.to(held.dtype)):
+            kept.copy_(held)
         return master
+
+    def _align_state(self, group: dict[str, Any], p: torch.Tensor) -> None:
+        """Bring ``p``'s state to the device and dtype its parameter has now.
+
+        A model moved after its optimizer state was created or loaded (``model.to(torch.float64)``,
+        ``model.cuda()``) keeps training instead of failing on mismatched tensors; the state is
+        converted as ``torch.optim.Optimizer.load_state_dict`` converts it.
+        """
+        state = self.state[p]
+        if "z" not in state:
+            return
+        master = group.get("master_weights", True) and p.dtype in LOW_PRECISION
+        state_dtype = torch.float32 if master else p.dtype
+        if master and MASTER not in state:
+            state[MASTER] = p.detach().to(torch.float32, copy=True)
+        elif not master:
+            state.pop(MASTER, None)
+        for key in ("z", *self._moment_keys, *((MASTER,) if master else ())):
+            tensor = state[key]
+            if tensor.dtype != state_dtype or tensor.device != p.device:
+                state[key] = tensor.to(device=p.device, dtype=state_dtype)
+
+    def _check_state(self) -> None:
+        """Raise, naming the parameter, if some state no longer fits its parameter; change nothing.
+
+        A state dict of another model (another width) fails here, before anything moves, not half
+        way through an update. Parameters moved to another device or dtype get their state along.
+        """
+        for group in self.param_groups:
+            for index, p in enumerate(group["params"]):
+                z = self.state[p].get("z")
+                if z is not None and z.shape != p.shape:
+                    raise ValueError(f"optimizer state of {describe_parameter(group, index, p)} has shape "
+                                     f"{tuple(z.shape)}: was the state dict saved from another model?")
+        for group in self.param_groups:
+            for p in group["params"]:
+                self._align_state(group, p)
+
+    def _check_gradients(self) -> None:
+        """Raise, naming the parameter, before a step whose gradients cannot be used; change nothing."""
+        for group in self.param_groups:
+            for index, p in enumerate(group["params"]):
+                grad = p.grad
+                if grad is not None and grad.layout != torch.strided:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients "
+                                       f"({describe_parameter(group, index, p)} has a {grad.layout} gradient)")
 
     def _init_state(self, group: dict[str, Any], p: torch.Tensor) -> None:
         state = self.state[p]
@@ -355,30 +426,29 @@ class ScheduleFreeCore(Optimizer):
         moments: list[list[torch.Tensor]] = [[] for _ in self._moment_keys]
         for p in params:
             state = self.state[p]
-            point = local(self._point(p))
+            point = real_view(local(self._point(p)))
             points.append(point)
-            grad = local(p.grad)
+            grad = real_view(local(p.grad))
             grads.append(grad if grad.dtype == point.dtype else grad.to(point.dtype))
-            zs.append(local(state["z"]))
+            zs.append(real_view(local(state["z"])))
             for column, key in zip(moments, self._moment_keys):
-                column.append(local(state[key]))
+                column.append(real_view(local(state[key])))
         return [points, grads, zs, *moments]
 
     def _write_back(self, params: Iterable[torch.Tensor]) -> None:
-        # Versions are kept outside the state dict: after a load or deepcopy nothing is known
-        # about later writes, and the saved master is trusted.
-        versions = self.__dict__.setdefault("_written_versions", {})
         for p in params:
             master = self.state[p].get(MASTER)
             if master is not None:
                 p.copy_(master)
-                versions[p] = p._version
 
     def _move_points(self, group: dict[str, Any], params: list[torch.Tensor], weight: float) -> None:
         """Interpolate the points of ``params`` toward their z by ``weight``."""
         if not params:
             return
-        lists = [[local(self._point(p)) for p in params], [local(self.state[p]["z"]) for p in params]]
+        for p in params:
+            self._align_state(group, p)
+        lists = [[real_view(local(self._point(p))) for p in params],
+                 [real_view(local(self.state[p]["z"])) for p in params]]
         for (points, zs), fused, foreach in kernel_buckets(group, lists):
             kernels.lerp_(points, zs, weight, foreach=foreach, fused=fused)
         self._write_back(params)
@@ -400,6 +470,10 @@ class ScheduleFreeCore(Optimizer):
         """
         state_dict = {**state_dict, "param_groups": [upgrade_saved_group(g) for g in state_dict["param_groups"]]}
         super().load_state_dict(state_dict)
+        for group in self.param_groups:  # a published state dict lacks this package's own keys
+            for key, value in self.defaults.items():
+                if key != "differentiable":  # torch's own default, never read here
+                    group.setdefault(key, value)
         saved_ids = chain.from_iterable(g["params"] for g in state_dict["param_groups"])
         params = chain.from_iterable(g["params"] for g in self.param_groups)
         for saved_id, p in zip(saved_ids, params):
@@ -466,6 +540,8 @@ class ModalForm(ScheduleFreeCore):
     def _begin_step(self, closure: Callable[[], Any] | None) -> Any:
         """Refuse a step outside train mode, evaluate the closure, share this step's lr ratios."""
         loss = train_mode_closure(self, closure)
+        self._check_state()
+        self._check_gradients()
         share_lr_ratios(self.param_groups)
         return loss
 
@@ -499,8 +575,10 @@ class PrimalForm(ModalForm):
             params = [p for p in group["params"] if "z" in self.state[p]]
             if not group["train_mode"] or not params:
                 continue
+            for p in params:
+                self._align_state(group, p)
             copies = [self._point(p).detach().clone(memory_format=torch.preserve_format) for p in params]
-            lists = [[local(c) for c in copies], [local(self.state[p]["z"]) for p in params]]
+            lists = [[real_view(local(c)) for c in copies], [real_view(local(self.state[p]["z"])) for p in params]]
             for (starts, zs), fused, foreach in kernel_buckets(group, lists):
                 kernels.lerp_(starts, zs, 1.0 - 1.0 / self._beta(group), foreach=foreach, fused=fused)
             points.update((p, c if c.dtype == p.dtype else c.to(p.dtype)) for p, c in zip(params, copies))
@@ -539,6 +617,10 @@ class ClosureForm(ScheduleFreeCore):
     def step(self, closure: Callable[[], Any]) -> Any:  # type: ignore[override]
         """Evaluate ``closure`` at y and take one step; parameters hold x before and after.
 
+        If the closure raises, or a gradient cannot be used (a sparse one), the
+        parameters go back to x (up to float rounding of the round trip), nothing else changes,
+        and the error propagates.
+
         Args:
             closure: callable that zeroes gradients, runs forward and backward, returns the loss.
 
@@ -547,12 +629,17 @@ class ClosureForm(ScheduleFreeCore):
         """
         if closure is None or not callable(closure):
             raise TypeError(f"{type(self).__name__}.step(closure) requires a callable closure, got {closure!r}")
+        self._check_state()
         with torch.no_grad():
-            for group in self.param_groups:
-                beta = self._beta(group)
-                self._move_points(group, [p for p in group["params"] if "z" in self.state[p]], 1.0 - beta)
-        with torch.enable_grad():
-            loss = closure()
+            self._move_all(to_y=True)
+        try:
+            with torch.enable_grad():
+                loss = closure()
+            self._check_gradients()
+        except BaseException:
+            with torch.no_grad():
+                self._move_all(to_y=False)
+            raise
         with torch.no_grad():
             share_lr_ratios(self.param_groups)
             for group in self.param_groups:
@@ -561,3 +648,10 @@ class ClosureForm(ScheduleFreeCore):
                 self._step_group(group, active, closure_form=True)
                 self._move_points(group, idle, 1.0 - 1.0 / self._beta(group))
         return loss
+
+    def _move_all(self, to_y: bool) -> None:
+        """Move every parameter with state from x to y, or back (the closure failed)."""
+        for group in self.param_groups:
+            beta = self._beta(group)
+            self._move_points(group, [p for p in group["params"] if "z" in self.state[p]],
+                              1.0 - beta if to_y else 1.0 - 1.0 / beta)

@@ -12,13 +12,20 @@ import torch
 
 from ..schedule import warmup_multiplier
 from .adamw import AdamWRule
-from .base import ModalForm, advance_schedule
+from .base import ModalForm, advance_schedule, real_view
 from .sgd import SGDRule
 
 
 class _ReferenceForm(ModalForm):
     """Stores x, y, z for every parameter; the parameter holds y (train) or x (eval), and mode
-    switches copy the stored point in."""
+    switches copy the stored point in. Complex parameters are updated as their real view."""
+
+    def _align_state(self, group: dict[str, Any], p: torch.Tensor) -> None:
+        """Keep every stored point and moment on the parameter's device and in its dtype."""
+        state = self.state[p]
+        for key, value in state.items():
+            if value.dtype != p.dtype or value.device != p.device:
+                state[key] = value.to(device=p.device, dtype=p.dtype)
 
     def _switch(self, to_train: bool) -> None:
         key = "y" if to_train else "x"
@@ -67,12 +74,14 @@ class _ReferenceForm(ModalForm):
                         state[key] = p.detach().clone()
                     for key in self._moment_keys:
                         state[key] = torch.zeros_like(p)
-                x, y, z = state["x"], state["y"], state["z"]
+                real = {key: real_view(value) for key, value in state.items()}
+                x, y, z = real["x"], real["y"], real["z"]
                 decay_point = z if group.get("decay_at_z", False) else y
-                z.sub_(self._direction(group, state, p.grad, k) + group["weight_decay"] * decay_point, alpha=lr)
+                z.sub_(self._direction(group, real, real_view(p.grad), k) + group["weight_decay"] * decay_point,
+                       alpha=lr)
                 x.mul_(1.0 - ckp1).add_(z, alpha=ckp1)
                 y.copy_(beta * x + (1.0 - beta) * z)
-                p.copy_(y)
+                real_view(p).copy_(y)
         return loss
 
 

@@ -105,7 +105,16 @@ class ScheduleFreeWrapper(Optimizer):
         """True when parameters hold the training point y, False when they hold x."""
         return all(group[PREFIX + "train_mode"] for group in self.param_groups)
 
+    def _align_state(self) -> None:
+        """Keep every z slot on its parameter's device and in its dtype (after ``model.to(...)``)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                z = self.state[p].get("z")
+                if z is not None and (z.dtype != p.dtype or z.device != p.device):
+                    self.state[p]["z"] = z.to(device=p.device, dtype=p.dtype)
+
     def _switch(self, to_train: bool) -> None:
+        self._align_state()
         for group in self.param_groups:
             if group[PREFIX + "train_mode"] == to_train:
                 continue
@@ -168,6 +177,7 @@ class ScheduleFreeWrapper(Optimizer):
             The closure's loss, or None.
         """
         loss = train_mode_closure(self, closure)
+        self._align_state()
         active = []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]

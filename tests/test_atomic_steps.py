@@ -1,0 +1,120 @@
+"""A step that cannot complete changes nothing, and says which parameter is at fault.
+
+Every claim is checked on every optimizer form that owns its step (the wrapper's base owns its
+own gradients' handling): the optimizer's ``state_dict`` and the parameters after the failed
+step are bitwise those before it, so a retry follows the same schedule.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from optim_infos import INFOS, assert_bitwise_equal, param_groups, run, snapshot, train_step
+
+OWN_STEP = [info for info in INFOS if not info.name.startswith("ScheduleFreeWrapper")]
+CLOSURE_FORMS = [info for info in INFOS if info.closure_form]
+
+
+def _trained(info, make_model, make_batches, steps: int = 5):
+    config = info.configs[0]
+    model = make_model(0)
+    opt = info.make(param_groups(info, list(model.parameters()), config), config)
+    run(info, opt, model, make_batches(steps))
+    return model, opt
+
+
+def _step_with_sparse_gradient_on_the_last_parameter(info, opt, model, batch) -> None:
+    last = list(model.parameters())[-1]
+
+    def sparsify() -> None:
+        last.grad = last.grad.to_sparse()
+
+    train_step(info, opt, model, batch, after_backward=sparsify)
+
+
+@pytest.mark.parametrize("info", OWN_STEP, ids=str)
+def test_sparse_gradient_raises_naming_the_parameter_and_changes_nothing(info, make_model, make_batches):
+    """The sparse gradient sits in the last group, so every earlier group would have stepped."""
+    model, opt = _trained(info, make_model, make_batches)
+    before_state, before_params = copy.deepcopy(opt.state_dict()), snapshot(model.parameters())
+    with pytest.raises(RuntimeError, match=rf"{type(opt).__name__} does not support sparse gradients "
+                                           r"\(parameter 0 of its group \(shape \(3,\)\)"):
+        _step_with_sparse_gradient_on_the_last_parameter(info, opt, model, make_batches(1, seed=7)[0])
+    assert_bitwise_equal(opt.state_dict(), before_state)
+    for after, before in zip(model.parameters(), before_params):
+        if info.closure_form:  # back from y, where the closure ran: float rounding of the round trip
+            torch.testing.assert_close(after, before, rtol=0, atol=1e-6 * before.abs().max().item())
+        else:
+            assert torch.equal(after, before)
+
+
+@pytest.mark.parametrize("info", [i for i in OWN_STEP if not i.closure_form], ids=str)
+def test_a_retry_after_a_failed_step_follows_the_uninterrupted_schedule(info, make_model, make_batches):
+    """Oracle: the same run without the failed step; both must be bitwise equal afterwards."""
+    batches = make_batches(3, seed=9)
+    model_a, opt_a = _trained(info, make_model, make_batches)
+    model_b, opt_b = _trained(info, make_model, make_batches)
+    with pytest.raises(RuntimeError):
+        _step_with_sparse_gradient_on_the_last_parameter(info, opt_b, model_b, batches[0])
+    for batch in batches:
+        train_step(info, opt_a, model_a, batch)
+        train_step(info, opt_b, model_b, batch)
+    for a, b in zip(model_a.parameters(), model_b.parameters()):
+        assert torch.equal(a, b)
+    assert_bitwise_equal(opt_b.state_dict(), opt_a.state_dict())
+
+
+@pytest.mark.parametrize("info", OWN_STEP, ids=str)
+def test_state_of_another_shape_fails_before_the_update_naming_the_parameter(info, make_model, make_batches):
+    """A state tensor that no longer fits its parameter (a state dict of another width) raises
+    a ValueError at the step, before any group has moved."""
+    model, opt = _trained(info, make_model, make_batches)
+    last = list(model.parameters())[-1]
+    opt.state[last]["z"] = torch.zeros(5)
+    before_params = snapshot(model.parameters())
+    before_k = [group["k"] for group in opt.param_groups]
+    with pytest.raises(ValueError, match=r"optimizer state of parameter 0 of its group \(shape \(3,\)\) has shape \(5,\)"):
+        train_step(info, opt, model, make_batches(1, seed=7)[0])
+    assert [group["k"] for group in opt.param_groups] == before_k
+    for after, before in zip(model.parameters(), before_params):
+        assert torch.equal(after, before)
+
+
+@pytest.mark.parametrize("info", CLOSURE_FORMS, ids=str)
+def test_closure_that_raises_leaves_the_parameters_at_x(info, make_model, make_batches):
+    """Parameters are moved to y for the closure; if it raises they come back to x. The round trip
+    y -> x costs at most float rounding: 1e-6 relative to each tensor's largest entry."""
+    model, opt = _trained(info, make_model, make_batches, steps=12)  # past RAdam's silent phase, y != x
+    x_before = snapshot(model.parameters())
+    before_k = [group["k"] for group in opt.param_groups]
+
+    def failing_closure():
+        raise KeyError("data loader ran dry")
+
+    with pytest.raises(KeyError, match="data loader ran dry"):
+        opt.step(failing_closure)
+    assert [group["k"] for group in opt.param_groups] == before_k
+    for after, before in zip(model.parameters(), x_before):
+        torch.testing.assert_close(after, before, rtol=0, atol=1e-6 * before.abs().max().item())
+
+
+# torch's Adam keeps its own moments in the old dtype and fails on its own: not the wrapper's state.
+@pytest.mark.parametrize("info", [i for i in INFOS if i.flags and i.name != "ScheduleFreeWrapper-Adam"], ids=str)
+def test_a_model_moved_to_float64_after_loading_state_keeps_training(info, make_model, make_batches):
+    """``model.to(torch.float64)`` after ``load_state_dict``: train()/eval() and step() convert the
+    state to the parameters' dtype instead of failing on mismatched tensors."""
+    model, opt = _trained(info, make_model, make_batches)
+    config = info.configs[0]
+    fresh_model = copy.deepcopy(model)
+    fresh = info.make(param_groups(info, list(fresh_model.parameters()), config), config)
+    fresh.load_state_dict(opt.state_dict())
+    fresh_model.to(torch.float64)
+    batch = tuple(t.double() for t in make_batches(1, seed=3)[0])
+    train_step(info, fresh, fresh_model, batch)
+    if info.has_modes:
+        fresh.eval()
+        fresh.train()
+    z_dtypes = {fresh.state[p]["z"].dtype for p in fresh_model.parameters()}
+    assert z_dtypes == {torch.float64}
