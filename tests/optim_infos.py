@@ -39,7 +39,8 @@ ALL_FLAGS = KERNEL_FLAGS | {"master_weights"}   # ... and float32 master copies 
 
 @dataclass(frozen=True)
 class ErrorInput:
-    """Constructor kwargs that must raise ValueError naming ``name`` and showing ``value``.
+    """Constructor kwargs that must raise ``error`` (ValueError by default) naming ``name`` and
+    showing ``value``: a value out of range is a ValueError, a value of the wrong type a TypeError.
 
     ``in_group``: the same key is a per-group hyperparameter, so ``add_param_group`` must reject it too.
     """
@@ -48,6 +49,7 @@ class ErrorInput:
     name: str
     value: Any
     in_group: bool = True
+    error: type = ValueError
 
     @property
     def id(self) -> str:
@@ -169,6 +171,11 @@ _WRAPPER_ADAM_CONFIGS = (
 
 _COMMON_ERRORS = (
     ErrorInput(dict(lr=-1.0), "lr", -1.0),
+    ErrorInput(dict(lr=float("inf")), "lr", float("inf")),
+    ErrorInput(dict(lr=None), "lr", None, error=TypeError),
+    ErrorInput(dict(lr="1e-2"), "lr", "1e-2", error=TypeError),
+    ErrorInput(dict(weight_decay="0.1"), "weight_decay", "0.1", error=TypeError),
+    ErrorInput(dict(weight_decay=True), "weight_decay", True, error=TypeError),
     ErrorInput(dict(weight_decay=-0.5), "weight_decay", -0.5),
     ErrorInput(dict(r=-1.0), "r", -1.0),
     ErrorInput(dict(weight_lr_power=-2.0), "weight_lr_power", -2.0),
@@ -187,11 +194,20 @@ _MOMENTUM_ERRORS = (
     ErrorInput(dict(momentum=0.0), "momentum", 0.0),
     ErrorInput(dict(momentum=-0.5), "momentum", -0.5),
 )
+_FLAG_ERRORS = (
+    ErrorInput(dict(foreach="yes"), "foreach", "yes", error=TypeError),
+    ErrorInput(dict(fused=1), "fused", 1, error=TypeError),
+    ErrorInput(dict(master_weights=None), "master_weights", None, error=TypeError),
+)
 _ADAMW_ERRORS = _COMMON_ERRORS + _BETAS_ERRORS + _WARMUP_ERRORS
-_RADAM_ERRORS = _COMMON_ERRORS + _BETAS_ERRORS
+_RADAM_ERRORS = _COMMON_ERRORS + _BETAS_ERRORS + (
+    ErrorInput(dict(silent_sgd_phase="no"), "silent_sgd_phase", "no", error=TypeError),)
 _SGD_ERRORS = _COMMON_ERRORS + _MOMENTUM_ERRORS + _WARMUP_ERRORS
 _WRAPPER_ERRORS = (
     ErrorInput(dict(weight_decay_at_y=-0.1), "weight_decay_at_y", -0.1),
+    ErrorInput(dict(weight_decay_at_y=None), "weight_decay_at_y", None, error=TypeError),
+    ErrorInput(dict(momentum="0.9"), "momentum", "0.9", in_group=False, error=TypeError),
+    ErrorInput(dict(foreach="yes"), "foreach", "yes", in_group=False, error=TypeError),
     ErrorInput(dict(momentum=1.0), "momentum", 1.0, in_group=False),
     ErrorInput(dict(momentum=0.0), "momentum", 0.0, in_group=False),
     ErrorInput(dict(r=-1.0), "r", -1.0, in_group=False),
@@ -203,27 +219,27 @@ _CLOSURE_TRAPS = frozenset({WRITES_GRAD, TOUCHES_GRADLESS, DRIFTS_WHEN_FROZEN})
 _WRAPPER_TRAPS = frozenset({STARTS_IN_EVAL, MODE_NOT_SAVED, WRONG_EVAL_ERROR})
 
 INFOS: tuple[OptimInfo, ...] = (
-    OptimInfo("AdamWScheduleFree", ours.AdamWScheduleFree, _ADAMW_CONFIGS, error_inputs=_ADAMW_ERRORS,
+    OptimInfo("AdamWScheduleFree", ours.AdamWScheduleFree, _ADAMW_CONFIGS, error_inputs=_ADAMW_ERRORS + _FLAG_ERRORS,
               published_factory=published.AdamWScheduleFree,
               published_traps=_PRIMAL_TRAPS | {ACCEPTS_INVALID}),
     OptimInfo("RAdamScheduleFree", ours.RAdamScheduleFree, _RADAM_CONFIGS, has_warmup=False,
-              error_inputs=_RADAM_ERRORS,
+              error_inputs=_RADAM_ERRORS + _FLAG_ERRORS,
               published_factory=published.RAdamScheduleFree,
               published_traps=_PRIMAL_TRAPS | {ACCEPTS_INVALID}),
     OptimInfo("SGDScheduleFree", ours.SGDScheduleFree, _SGD_CONFIGS, beta_key="momentum",
-              error_inputs=_SGD_ERRORS,
+              error_inputs=_SGD_ERRORS + _FLAG_ERRORS,
               published_factory=published.SGDScheduleFree,
               published_traps=_PRIMAL_TRAPS),
     OptimInfo("AdamWScheduleFreeClosure", ours.AdamWScheduleFreeClosure, _ADAMW_CONFIGS, closure_form=True,
-              has_modes=False, error_inputs=_ADAMW_ERRORS,
+              has_modes=False, error_inputs=_ADAMW_ERRORS + _FLAG_ERRORS,
               published_factory=published.AdamWScheduleFreeClosure,
               published_traps=_CLOSURE_TRAPS | {ACCEPTS_INVALID}),
     OptimInfo("RAdamScheduleFreeClosure", ours.RAdamScheduleFreeClosure, _RADAM_CONFIGS, closure_form=True,
-              has_modes=False, has_warmup=False, error_inputs=_RADAM_ERRORS,
+              has_modes=False, has_warmup=False, error_inputs=_RADAM_ERRORS + _FLAG_ERRORS,
               published_factory=published.RAdamScheduleFreeClosure,
               published_traps=_CLOSURE_TRAPS | {ACCEPTS_INVALID}),
     OptimInfo("SGDScheduleFreeClosure", ours.SGDScheduleFreeClosure, _SGD_CONFIGS, closure_form=True,
-              has_modes=False, beta_key="momentum", error_inputs=_SGD_ERRORS,
+              has_modes=False, beta_key="momentum", error_inputs=_SGD_ERRORS + _FLAG_ERRORS,
               published_factory=published.SGDScheduleFreeClosure, published_traps=_CLOSURE_TRAPS),
     OptimInfo("AdamWScheduleFreeReference", ours.AdamWScheduleFreeReference,
               _ADAMW_CONFIGS + (dict(lr=0.01, weight_decay=0.05, warmup_steps=3, decay_at_z=True),),

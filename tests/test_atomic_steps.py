@@ -118,3 +118,34 @@ def test_a_model_moved_to_float64_after_loading_state_keeps_training(info, make_
         fresh.train()
     z_dtypes = {fresh.state[p]["z"].dtype for p in fresh_model.parameters()}
     assert z_dtypes == {torch.float64}
+
+
+def _wider_model(seed: int = 0) -> torch.nn.Module:
+    """The tiny MLP's layout at hidden width 7 instead of 6 (another muP width)."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return torch.nn.Sequential(torch.nn.Linear(4, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
+
+
+@pytest.mark.parametrize("info", INFOS, ids=str)
+def test_state_dict_of_another_width_is_refused_at_load_naming_the_parameter(info, make_model, make_batches):
+    """Loading raises ValueError naming the first parameter whose saved state has another shape,
+    and the optimizer's own state is untouched (torch would attach the tensors and fail later)."""
+    config = info.configs[0]
+    wide = _wider_model()
+    wide_opt = info.make(param_groups(info, list(wide.parameters()), config), config)
+    run(info, wide_opt, wide, make_batches(3))
+    model, opt = _trained(info, make_model, make_batches)
+    before = copy.deepcopy(opt.state_dict())
+    with pytest.raises(ValueError, match=r"'[xz]' for parameter 0 of its group \(shape \(6, 4\)\) has shape \(7, 4\)"):
+        opt.load_state_dict(wide_opt.state_dict())
+    assert_bitwise_equal(opt.state_dict(), before)
+
+
+@pytest.mark.parametrize("info", INFOS, ids=str)
+@pytest.mark.parametrize("bad", [None, {"foo": 1}, {"state": {}}], ids=repr)
+def test_something_that_is_not_a_state_dict_is_refused_naming_the_argument(info, bad, make_model):
+    model = make_model(0)
+    opt = info.make(param_groups(info, list(model.parameters()), info.configs[0]), info.configs[0])
+    with pytest.raises(ValueError, match="Invalid state_dict"):
+        opt.load_state_dict(bad)

@@ -650,10 +650,11 @@ def _assert_names(error: BaseException, err: ErrorInput) -> None:
 
 
 @pytest.mark.parametrize("info, err", ERROR_CASES)
-def test_invalid_hyperparameter_raises_value_error_naming_it(info, err, make_model):
-    """Constructor rejects the value with ValueError naming the argument and value."""
+def test_invalid_hyperparameter_raises_an_error_naming_it(info, err, make_model):
+    """Constructor rejects the value with ValueError (out of range) or TypeError (not a number,
+    not a flag) naming the argument and value."""
     config = {**info.configs[0], **err.kwargs}
-    with pytest.raises(ValueError) as caught:
+    with pytest.raises(err.error) as caught:
         info.make(make_model(0).parameters(), config)
     _assert_names(caught.value, err)
 
@@ -664,7 +665,7 @@ def test_invalid_group_value_raises_and_leaves_optimizer_unchanged(info, err, ma
     and (wrapper) base groups are unchanged, and the parameters can then be added with valid values.
     The same value in a group given to the constructor raises too."""
     config = info.configs[0]
-    with pytest.raises(ValueError) as caught:
+    with pytest.raises(err.error) as caught:
         info.make([{"params": list(make_model(0).parameters()), **err.kwargs}], config)
     _assert_names(caught.value, err)
     model = make_model(0)
@@ -679,7 +680,7 @@ def test_invalid_group_value_raises_and_leaves_optimizer_unchanged(info, err, ma
 
     before = layout()
     extra = nn.Parameter(torch.zeros(3))
-    with pytest.raises(ValueError) as caught:
+    with pytest.raises(err.error) as caught:
         opt.add_param_group({"params": [extra], **err.kwargs})
     _assert_names(caught.value, err)
     assert layout() == before

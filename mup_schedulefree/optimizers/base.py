@@ -15,6 +15,7 @@ What every optimizer in this package guarantees, and where the published package
 """
 from __future__ import annotations
 
+import math
 import numbers
 from itertools import chain
 from typing import Any, Callable, Iterable, Iterator
@@ -120,7 +121,7 @@ def check_range(name: str, value: Any, low: float, high: float | None = None, *,
     """
     number = real_number(name, value)
     too_low = number <= low if low_open else number < low
-    too_high = high is not None and (number >= high if high_open else number > high)
+    too_high = number == math.inf if high is None else (number >= high if high_open else number > high)
     if too_low or too_high or number != number:
         lo = "(" if low_open else "["
         hi = ")" if high_open else "]"
@@ -161,6 +162,28 @@ def check_common(group: dict[str, Any]) -> None:
         if isinstance(warmup, bool) or not isinstance(warmup, int):
             raise ValueError(f"Invalid warmup_steps: {warmup!r} (must be a non-negative int)")
         check_range("warmup_steps", warmup, 0.0)
+    check_flags(group)
+
+
+OPTIONAL_FLAGS = ("foreach", "fused")
+SWITCHES = ("master_weights", "silent_sgd_phase", "decay_at_z")
+
+
+def check_flags(group: dict[str, Any], prefix: str = "") -> None:
+    """Validate the group's kernel flags (None, True or False) and switches (True or False).
+
+    Args:
+        group: a parameter group with defaults filled in.
+        prefix: prefix of the flag keys (the wrapper's are ``sf_foreach``/``sf_fused``).
+    """
+    for key in OPTIONAL_FLAGS:
+        value = group.get(prefix + key)
+        if value is not None and not isinstance(value, bool):
+            raise TypeError(f"Invalid {key}: {value!r} (must be None, True or False)")
+    for key in SWITCHES:
+        value = group.get(key, False)
+        if not isinstance(value, bool):
+            raise TypeError(f"Invalid {key}: {value!r} (must be True or False)")
 
 
 AVERAGING = "averaging"
@@ -298,6 +321,33 @@ def upgrade_saved_group(group: dict[str, Any], prefix: str = "", power_key: str 
     if ref is not None:
         group[prefix + "weight_sum"] = relative_sum * ref ** group[power_key]
     return group
+
+
+def check_saved_state(optimizer: Optimizer, state_dict: Any) -> None:
+    """Raise before loading a state dict that is not one, or whose state does not fit the parameters.
+
+    torch pairs saved state with parameters by position; a state dict of another model (another
+    width) would attach tensors of other shapes and fail only at the first step. Every saved
+    tensor shaped like a parameter (any tensor with dimensions) must have its parameter's shape.
+
+    Args:
+        optimizer: the optimizer about to load.
+        state_dict: what the user passed to ``load_state_dict``.
+    """
+    if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= state_dict.keys():
+        raise ValueError(f"Invalid state_dict: a dict with 'state' and 'param_groups' (as returned by "
+                         f"{type(optimizer).__name__}.state_dict()) is needed, got {type(state_dict).__name__}")
+    saved_groups = state_dict["param_groups"]
+    if len(saved_groups) != len(optimizer.param_groups):
+        return  # torch's own check names the mismatch
+    for saved, group in zip(saved_groups, optimizer.param_groups):
+        if len(saved["params"]) != len(group["params"]):
+            return
+        for index, (saved_id, p) in enumerate(zip(saved["params"], group["params"])):
+            for key, value in state_dict["state"].get(saved_id, {}).items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != p.shape:
+                    raise ValueError(f"Invalid state_dict: its {key!r} for {describe_parameter(group, index, p)} "
+                                     f"has shape {tuple(value.shape)}: was it saved from another model?")
 
 
 SCHEDULE_DEFAULTS = dict(k=0, lr_max=-1.0, weight_sum=0.0, scheduled_lr=0.0, averaging=None)
@@ -468,6 +518,7 @@ class ScheduleFreeCore(Optimizer):
         Args:
             state_dict: a dict returned by :meth:`state_dict`.
         """
+        check_saved_state(self, state_dict)
         state_dict = {**state_dict, "param_groups": [upgrade_saved_group(g) for g in state_dict["param_groups"]]}
         super().load_state_dict(state_dict)
         for group in self.param_groups:  # a published state dict lacks this package's own keys

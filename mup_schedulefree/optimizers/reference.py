@@ -99,7 +99,7 @@ class AdamWScheduleFreeReference(AdamWRule, _ReferenceForm):
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0,
                  warmup_steps: int = 0, r: float = 0.0, weight_lr_power: float = 2.0, decay_at_z: bool = False,
                  foreach: bool | None = None, fused: bool | None = None) -> None:
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, warmup_steps=warmup_steps,
+        defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps, weight_decay=weight_decay, warmup_steps=warmup_steps,
                         r=r, weight_lr_power=weight_lr_power, decay_at_z=decay_at_z)
         self._validate(defaults)
         super(AdamWRule, self).__init__(params, defaults)

@@ -25,13 +25,14 @@ import torch
 from torch.optim import Optimizer
 
 from .. import kernels
-from .base import (SCHEDULE_DEFAULTS, advance_schedule, check_range, kernel_buckets, local, share_lr_ratios,
-                   train_mode_closure, upgrade_saved_group)
+from .base import (SCHEDULE_DEFAULTS, advance_schedule, check_flags, check_range, check_saved_state, kernel_buckets,
+                   local, share_lr_ratios, train_mode_closure, upgrade_saved_group)
 
 PREFIX = "sf_"
 
 
 def _check_group(group: dict[str, Any]) -> None:
+    check_flags(group, PREFIX)
     check_range("weight_decay_at_y", group["weight_decay_at_y"], 0.0)
     check_range("momentum", group[PREFIX + "momentum"], 0.0, 1.0, low_open=True)
     check_range("r", group[PREFIX + "r"], 0.0)
@@ -217,9 +218,12 @@ class ScheduleFreeWrapper(Optimizer):
         Args:
             state_dict: a dict returned by :meth:`state_dict`.
         """
-        if "base" not in state_dict:
-            raise ValueError("state_dict has no 'base' entry: it was not saved by ScheduleFreeWrapper.state_dict()")
+        if not isinstance(state_dict, dict) or "base" not in state_dict:
+            raise ValueError("Invalid state_dict: it has no 'base' entry, so it was not saved by "
+                             "ScheduleFreeWrapper.state_dict() (a published wrapper's does not say whether "
+                             "the parameters held x or y)")
         own = {key: value for key, value in state_dict.items() if key != "base"}
+        check_saved_state(self, own)
         own["param_groups"] = [upgrade_saved_group(g, PREFIX, PREFIX + "weight_lr_power") for g in own["param_groups"]]
         super().load_state_dict(own)
         self.base.load_state_dict(state_dict["base"])
