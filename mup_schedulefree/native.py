@@ -9,15 +9,23 @@ over a minute depending on the number of tensors. The library is loaded after to
 torch's GNU OpenMP both share one thread pool; every call uses ``torch.get_num_threads()`` threads.
 
 Cache: the shared library is written to ``$MUP_SCHEDULEFREE_CACHE`` (default
-``~/.cache/mup_schedulefree``) under a name that hashes the source, the flags and the compiler's
-description of itself and of the target (``-march=native`` expands to the CPU it runs on, so a
-cache on a shared file system never hands a library to a CPU it was not built for). It is compiled
-to a temporary file and moved into place with ``os.replace``, so concurrent processes never load a
-partial file; later processes load it without compiling.
+``~/.cache/mup_schedulefree``) under a name that hashes the source, the flags, the compiler's
+description of itself and of the target, and this machine's identity (``platform.machine()`` and
+the CPU's model and feature flags): ``-march=native`` builds for the CPU it runs on, so a cache on
+a shared file system never hands a library to a CPU it was not built for. It is compiled to a
+temporary file and moved into place with ``os.replace``, so concurrent processes never load a
+partial file. A library is then loaded once in a child process, which resolves every symbol and
+calls one kernel; only if that works is a manifest written next to it (``.json``: the library's
+sha256, source hash, flags and machine), again atomically. A process loads a library only when its
+checksum matches its manifest, or when a child process has just loaded it: a truncated or foreign
+file costs a child process, never this one (dlopen of a truncated file can die of SIGBUS), and is
+rebuilt. Later processes load a recorded library without compiling; without a compiler they load
+the best recorded library built from the same source for this machine.
 
 Fallback: the compiler is ``$MUP_SCHEDULEFREE_CC`` or the first of cc, gcc, clang on the PATH.
-Flags the compiler rejects are dropped (``-march=native``, else ``-fopenmp``, else both). If no build works,
-``available()`` is False, one ``RuntimeWarning`` per process says so, and callers use the eager
+Flags the compiler rejects are dropped (``-march=native``, else ``-fopenmp``, else both). If no build
+works and nothing usable is cached, or a library lacks one of the functions, ``available()`` is
+False, one ``RuntimeWarning`` per process says so, and callers use the eager
 path. Only contiguous CPU float32 tensors are handled (see ``supports``); the kernels check their
 inputs and raise rather than touch memory a tensor does not own.
 
@@ -29,10 +37,16 @@ from __future__ import annotations
 
 import array
 import ctypes
+import functools
 import hashlib
+import json
+import logging
 import os
+import platform
 import shutil
+import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import warnings
@@ -54,6 +68,10 @@ _FLAG_SETS = (
     _BASE_FLAGS,
 )
 _BUILD_TIMEOUT_S = 120
+_CHECK_TIMEOUT_S = 60
+# /proc/cpuinfo keys that name the CPU and its instruction set (x86 and Arm spellings).
+_CPU_KEYS = ("vendor_id", "cpu family", "model", "model name", "flags", "CPU implementer", "CPU architecture",
+             "CPU variant", "CPU part", "Features")
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
 _P = ctypes.c_void_p
@@ -70,6 +88,7 @@ _SIGNATURES = {
     "sf_wrapper_exit_f32": (_P, _P) + _N + (_D,) * 2 + (_I,),
 }
 
+_log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _tried = False
@@ -96,14 +115,30 @@ def _compiler() -> str:
     raise FileNotFoundError(f"no C compiler found (looked for {', '.join(candidates)})")
 
 
+@functools.cache
+def _machine_id() -> str:
+    """``platform.machine()`` and a hash of the CPU's identity (model and feature flags from /proc/cpuinfo)."""
+    identity = [platform.machine(), platform.processor()]
+    try:
+        first_cpu = Path("/proc/cpuinfo").read_text(errors="replace").split("\n\n", 1)[0]
+    except OSError:
+        first_cpu = ""
+    for line in first_cpu.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in _CPU_KEYS:
+            identity.append(f"{key.strip()}={value.strip()}")
+    digest = hashlib.sha256("\n".join(identity).encode()).hexdigest()
+    return f"{platform.machine()}-{digest[:16]}"
+
+
 def _library_path(cc: str, flags: tuple[str, ...], source: bytes, directory: Path) -> Path | None:
-    """Cache path for this source, flags and compiler/target, or None if the compiler rejects the flags."""
+    """Cache path for this source, flags, compiler/target and machine, or None if the compiler rejects the flags."""
     compile_only = [f for f in flags if f not in ("-shared", "-fPIC")]
     probe = subprocess.run([cc, "-v", "-E", "-x", "c", "-", "-o", os.devnull, *compile_only],
                            stdin=subprocess.DEVNULL, capture_output=True, timeout=_BUILD_TIMEOUT_S)
     if probe.returncode != 0:
         return None
-    key = hashlib.sha256(source + "\0".join(flags).encode() + probe.stderr).hexdigest()[:20]
+    key = hashlib.sha256(source + "\0".join(flags).encode() + probe.stderr + _machine_id().encode()).hexdigest()[:20]
     return directory / f"sf_kernels-{key}.so"
 
 
@@ -123,38 +158,153 @@ def _compile(cc: str, flags: tuple[str, ...], target: Path) -> str | None:
             os.unlink(tmp)
 
 
+# Run by a child process: load the library, resolve every symbol, lerp four floats halfway (this runs
+# the library's code, so a library built for another CPU fails here with SIGILL, not in the caller).
+_CHILD_CHECK = """
+import ctypes, sys
+lib = ctypes.CDLL(sys.argv[1])
+for name in sys.argv[2:]:
+    getattr(lib, name)
+a, b = (ctypes.c_float * 4)(), (ctypes.c_float * 4)(2.0, 2.0, 2.0, 2.0)
+lerp = lib.sf_lerp_f32
+lerp.argtypes = (ctypes.c_void_p,) * 3 + (ctypes.c_int64, ctypes.c_double, ctypes.c_int)
+status = lerp((ctypes.c_void_p * 1)(ctypes.addressof(a)), (ctypes.c_void_p * 1)(ctypes.addressof(b)),
+              (ctypes.c_int64 * 1)(4), 1, 0.5, 1)
+if status != 0 or list(a) != [1.0] * 4:
+    sys.exit(f"sf_lerp_f32 returned {status} and {list(a)}, expected 0 and [1.0] * 4")
+"""
+
+
+def _check_in_child(path: Path) -> str | None:
+    """Load ``path`` in a child Python; returns None if every symbol resolves and a kernel runs, else why not."""
+    try:
+        result = subprocess.run([sys.executable, "-I", "-S", "-c", _CHILD_CHECK, str(path), *_SIGNATURES],
+                                capture_output=True, text=True, timeout=_CHECK_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return f"loading {path.name} in a child process took over {_CHECK_TIMEOUT_S} s"
+    if result.returncode == 0:
+        return None
+    if result.returncode < 0:
+        try:
+            killer = signal.Signals(-result.returncode).name
+        except ValueError:
+            killer = f"signal {-result.returncode}"
+        return f"a child process loading {path.name} was killed by {killer}"
+    lines = result.stderr.strip().splitlines()
+    return f"a child process could not load {path.name}: {lines[-1] if lines else f'exit {result.returncode}'}"
+
+
+def _manifest_path(library: Path) -> Path:
+    """The manifest recorded next to ``library``."""
+    return library.with_suffix(".json")
+
+
+def _read_manifest(path: Path) -> dict | None:
+    """The manifest at ``path``, or None if it is missing or unreadable."""
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
+def _write_manifest(library: Path, manifest: dict) -> None:
+    """Write ``library``'s manifest atomically (temporary file, then ``os.replace``)."""
+    fd, tmp = tempfile.mkstemp(dir=library.parent, prefix=".sf_kernels-", suffix=".json.tmp")
+    try:
+        with os.fdopen(fd, "w") as out:
+            json.dump(manifest, out, indent=1)
+        os.chmod(tmp, 0o644)  # readable by whoever may load the library (mkstemp makes it 0600)
+        os.replace(tmp, _manifest_path(library))
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def _load(path: Path) -> ctypes.CDLL:
-    """Open the library and declare its functions' signatures."""
+    """Open the library and declare every function's signature; OSError if one is missing."""
     lib = ctypes.CDLL(str(path))
     for name, argtypes in _SIGNATURES.items():
-        fn = getattr(lib, name)
+        try:
+            fn = getattr(lib, name)
+        except AttributeError:
+            raise OSError(f"{path.name} lacks the function {name}") from None
         fn.argtypes = argtypes
         fn.restype = ctypes.c_int
     return lib
 
 
+def _open(library: Path, record: dict) -> ctypes.CDLL:
+    """Load ``library`` once it is known to be sound; OSError saying why not otherwise.
+
+    Sound means: its manifest matches ``record`` (source hash, flags, machine) and its current sha256,
+    or a child process loads it now (then the manifest is written).
+    """
+    digest = hashlib.sha256(library.read_bytes()).hexdigest()
+    manifest = _read_manifest(_manifest_path(library))
+    if manifest != {**record, "sha256": digest}:
+        complaint = _check_in_child(library)
+        if complaint is not None:
+            raise OSError(complaint)
+        _write_manifest(library, {**record, "sha256": digest})
+    return _load(library)
+
+
+def _open_recorded(directory: Path, source_hash: str) -> ctypes.CDLL:
+    """Load the best recorded library built from this source for this machine (best flags, then newest).
+
+    Used when no compiler is found; raises OSError if none is usable.
+    """
+    ranked = []
+    for manifest_path in directory.glob("sf_kernels-*.json"):
+        manifest = _read_manifest(manifest_path)
+        if manifest is None or manifest.get("source_sha256") != source_hash or manifest.get("machine") != _machine_id():
+            continue
+        flags = tuple(manifest.get("flags", ()))
+        rank = _FLAG_SETS.index(flags) if flags in _FLAG_SETS else len(_FLAG_SETS)
+        ranked.append((rank, -manifest_path.stat().st_mtime_ns, manifest_path.with_suffix(".so"), manifest))
+    complaint = f"no library built from this source for this machine in {directory}"
+    for _, _, library, manifest in sorted(ranked):
+        try:
+            return _open(library, {k: v for k, v in manifest.items() if k != "sha256"})
+        except OSError as err:
+            complaint = str(err)
+    raise OSError(complaint)
+
+
 def _build() -> ctypes.CDLL:
-    """Load a cached build (best flags first), else compile one; raises RuntimeError/OSError saying why not."""
-    cc = _compiler()
+    """Load a sound cached build (best flags first), else compile one; raises RuntimeError/OSError saying why not."""
     source = _SOURCE.read_bytes()
+    source_hash = hashlib.sha256(source).hexdigest()
     directory = cache_dir()
+    try:
+        cc = _compiler()
+    except FileNotFoundError as missing:
+        try:
+            return _open_recorded(directory, source_hash)
+        except OSError as err:
+            raise FileNotFoundError(f"{missing}, and {err}") from None
     directory.mkdir(parents=True, exist_ok=True)
     candidates = []
     for flags in _FLAG_SETS:
         path = _library_path(cc, flags, source, directory)
         if path is None:
             continue
+        record = {"source_sha256": source_hash, "flags": list(flags), "machine": _machine_id()}
         if path.exists():
             try:
-                return _load(path)
-            except OSError:
-                pass  # unreadable or truncated by something else; rebuilt below
-        candidates.append((flags, path))
+                return _open(path, record)
+            except OSError as err:
+                _log.info("mup_schedulefree: rebuilding %s (%s)", path.name, err)
+        candidates.append((flags, path, record))
     complaint = "the compiler rejected every flag set"
-    for flags, path in candidates:
+    for flags, path, record in candidates:
         complaint = _compile(cc, flags, path)
         if complaint is None:
-            return _load(path)
+            try:
+                return _open(path, record)
+            except OSError as err:
+                complaint = str(err)
     raise RuntimeError(f"{cc} failed: {complaint}")
 
 

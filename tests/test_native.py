@@ -7,16 +7,20 @@ cancellation of y = lerp(y, z) + c u, and torch's CPU sqrt may be 1 ulp off a co
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
-from mup_schedulefree import native
+from mup_schedulefree import ScheduleFreeWrapper, native
 
 REPO = Path(__file__).resolve().parents[1]
 RTOL = 1e-6
@@ -267,8 +271,117 @@ def test_concurrent_cold_builds_leave_one_library_that_later_processes_reuse(tmp
         out, err = racer.communicate(timeout=120)
         assert out.split() == ["[True,", "True,", "True]", "0"], err
     built = sorted(tmp_path.iterdir())
-    assert len(built) == 1 and built[0].suffix == ".so", built
-    stamp = built[0].stat().st_mtime_ns
+    assert [p.suffix for p in built] == [".json", ".so"] and built[0].stem == built[1].stem, built
+    stamps = [p.stat().st_mtime_ns for p in built]
     result = _python(COUNT_WARNINGS, MUP_SCHEDULEFREE_CACHE=str(tmp_path))
     assert result.stdout.split() == ["[True,", "True,", "True]", "0"], result.stderr
-    assert sorted(tmp_path.iterdir()) == built and built[0].stat().st_mtime_ns == stamp
+    assert sorted(tmp_path.iterdir()) == built and [p.stat().st_mtime_ns for p in built] == stamps
+
+
+# ----------------------------------------------------------------------------- a damaged or foreign cache
+@pytest.fixture(scope="module")
+def built_cache(tmp_path_factory) -> Path:
+    """A cache holding one library and its manifest, built once by a child process."""
+    cache = tmp_path_factory.mktemp("built") / "cache"
+    result = _python(COUNT_WARNINGS, MUP_SCHEDULEFREE_CACHE=str(cache))
+    assert result.stdout.split() == ["[True,", "True,", "True]", "0"], result.stderr
+    return cache
+
+
+@pytest.fixture
+def cached(built_cache, tmp_path) -> tuple[Path, Path]:
+    """A copy of ``built_cache`` at ``tmp_path / "cache"``: its library and its manifest."""
+    (library,) = Path(shutil.copytree(built_cache, tmp_path / "cache")).glob("*.so")
+    return library, library.with_suffix(".json")
+
+
+@pytest.fixture
+def fresh_native(monkeypatch, tmp_path):
+    """The native module as a new process finds it, with its cache at ``tmp_path / "cache"``."""
+    monkeypatch.setenv("MUP_SCHEDULEFREE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_tried", False)
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@needs_native
+@pytest.mark.parametrize("compiler", ["present", "absent"])
+def test_truncated_cached_library_is_rebuilt_or_refused_with_one_warning_and_never_kills_the_process(
+        cached, compiler):
+    """dlopen of a truncated library can die of SIGBUS, so the probe runs in a child process: it must exit
+    normally, with the library rebuilt (compiler present) or the eager path and one warning (absent)."""
+    library, manifest = cached
+    size = library.stat().st_size
+    os.truncate(library, 8000)
+    env = {"MUP_SCHEDULEFREE_CACHE": str(library.parent)}
+    if compiler == "absent":
+        env["MUP_SCHEDULEFREE_CC"] = "/nonexistent/cc"
+    result = _python(COUNT_WARNINGS, **env)
+    assert result.returncode == 0, f"the probe died with status {result.returncode}: {result.stderr[-2000:]}"
+    if compiler == "present":
+        assert result.stdout.split() == ["[True,", "True,", "True]", "0"], result.stderr
+        assert library.stat().st_size == size
+        assert json.loads(manifest.read_text())["sha256"] == _sha256(library)
+    else:
+        assert result.stdout.split() == ["[False,", "False,", "False]", "1"], result.stderr
+
+
+@needs_native
+@pytest.mark.parametrize("manifest_records", ["the old library", "the damaged library"])
+def test_library_missing_a_function_is_never_used_and_step_raises_no_attribute_error(
+        cached, fresh_native, make_model, make_batches, manifest_records):
+    """A library lacking sf_wrapper_exit_f32 replaces the cached one. With the old checksum recorded it is
+    loaded only by a child process, and rebuilt. With its own checksum recorded (a forged manifest) this
+    process loads it and finds the gap at load time; it is rebuilt for later processes, and this one,
+    which cannot load a second library from the same path, takes another flag set's library or the
+    eager path with exactly one warning. Either way the steps run and raise nothing."""
+    library, manifest = cached
+    damaged = library.with_name("damaged.so")
+    subprocess.run([native._compiler(), "-O1", "-shared", "-fPIC", "-Dsf_wrapper_exit_f32=renamed_exit",
+                    str(native._SOURCE), "-o", str(damaged)], check=True, timeout=120)
+    os.replace(damaged, library)
+    if manifest_records == "the damaged library":
+        manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "sha256": _sha256(library)}))
+    model = make_model()
+    opt = ScheduleFreeWrapper(torch.optim.SGD(model.parameters(), lr=0.1))
+    before = [p.detach().clone() for p in model.parameters()]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for inputs, target in make_batches(3):
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(model(inputs), target).backward()
+            opt.step()
+        opt.eval()
+    unavailable = [str(w.message) for w in caught if "native CPU kernels unavailable" in str(w.message)]
+    assert all(not torch.equal(p, b) for p, b in zip(model.parameters(), before)), "a parameter did not move"
+    if manifest_records == "the old library":
+        assert native.available() and native._lib._name == str(library) and not unavailable, unavailable
+    elif native.available():
+        assert native._lib._name != str(library) and not unavailable, unavailable
+    else:
+        assert len(unavailable) == 1 and "lacks the function sf_wrapper_exit_f32" in unavailable[0], unavailable
+    assert _sha256(library) == json.loads(manifest.read_text())["sha256"], "not rebuilt for later processes"
+    assert native._check_in_child(library) is None
+
+
+@needs_native
+@pytest.mark.parametrize("hidden_by", ["MUP_SCHEDULEFREE_CC", "PATH"])
+def test_cached_library_is_used_when_no_compiler_is_found(cached, tmp_path, hidden_by):
+    library, manifest = cached
+    stamps = [p.stat().st_mtime_ns for p in (library, manifest)]
+    hide = {"MUP_SCHEDULEFREE_CC": "/nonexistent/cc"} if hidden_by == "MUP_SCHEDULEFREE_CC" else \
+        {"MUP_SCHEDULEFREE_CC": "", "PATH": str(tmp_path / "no-such-dir")}
+    result = _python(COUNT_WARNINGS, MUP_SCHEDULEFREE_CACHE=str(library.parent), **hide)
+    assert result.stdout.split() == ["[True,", "True,", "True]", "0"], result.stderr
+    assert [p.stat().st_mtime_ns for p in (library, manifest)] == stamps, "the cache was rewritten"
+
+
+@needs_native
+def test_without_a_compiler_a_library_recorded_for_another_cpu_is_not_loaded(cached, fresh_native, monkeypatch):
+    monkeypatch.setenv("MUP_SCHEDULEFREE_CC", "/nonexistent/cc")
+    monkeypatch.setattr(native, "_machine_id", lambda: "x86_64-another-cpu")
+    with pytest.warns(RuntimeWarning, match="no library built from this source for this machine"):
+        assert not native.available()
