@@ -30,17 +30,40 @@ supported tensors take the single-pass path instead.
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Callable, Sequence
+from typing import Callable, Sequence, TypeVar
 
 import torch
 
 Tensors = Sequence[torch.Tensor]
+F = TypeVar("F", bound=Callable)
 
 
 FOREACH_BUCKET_NUMEL = 1 << 24
 """The ``_foreach`` path works through its lists in runs of consecutive tensors holding at most this
 many elements (a larger tensor forms a run alone), so its temporaries are bounded by a run rather
 than by the whole model: 64 MiB per temporary list in float32."""
+
+
+def compile_disabled(fn: F) -> F:
+    """Exclude ``fn``, and everything it calls, from ``torch.compile`` tracing.
+
+    The optimizers' ``step``/``train``/``eval`` read per-parameter Python state (lazy state,
+    schedules, bookkeeping in the groups) and call the native kernels through ctypes, none of which
+    dynamo can trace: traced, a compiled training step breaks its graph many times, guards on that
+    state and recompiles every step until it hits its recompile limit. Excluded, the compiled
+    function breaks its graph once at the call and the optimizer runs eagerly, as it would uncompiled.
+
+    ``torch._disable_dynamo`` is torch's own form of ``torch.compiler.disable(fn, recursive=True)``
+    for library code (``Optimizer.zero_grad`` uses it): it imports ``torch._dynamo`` on the first
+    call rather than at import, which would add ~0.8 s to importing this package.
+
+    Args:
+        fn: the function or method to exclude.
+
+    Returns:
+        A function that runs ``fn`` with tracing disabled (``functools.wraps`` keeps its name and docstring).
+    """
+    return torch._disable_dynamo(fn, recursive=True)
 
 
 def _runs(lists: Sequence[Tensors], limit: int) -> list[list[Tensors]]:
