@@ -33,7 +33,8 @@ from .optimizers import (
     SGDScheduleFreeClosure,
     SGDScheduleFreeReference,
 )
-from .scaling import check_decay_lr_power, check_real, check_rule, grouping_guard, infer_rule, mu_param_groups
+from .scaling import check_decay_lr_power, check_rule, grouping_guard, infer_rule, mu_param_groups
+from .validation import real_number
 
 InfShapes = Mapping[str, Any] | str | None
 
@@ -82,7 +83,7 @@ def _base_value(impl: type, kwargs: Mapping[str, Any], name: str, fallback: Any)
     value = kwargs[name] if name in kwargs else _default(impl, name, fallback)
     if name == "lr" and "lr" not in kwargs and value is None:
         raise ValueError(f"lr is required: {impl.__name__} has no default learning rate")
-    check_real(name, value)
+    real_number(name, value)
     return value
 
 
@@ -296,7 +297,7 @@ def MuScheduleFreeWrapper(
     check_rule("rule", rule)
     for name, value in (("weight_decay_at_y", weight_decay_at_y), ("momentum", momentum),
                         ("weight_lr_power", weight_lr_power), ("r", r)):
-        check_real(name, value)
+        real_number(name, value)
     infshapes = base_kwargs.pop("infshapes", None)
     power = _decay_lr_power(base_impl, decoupled_wd, base_kwargs.pop("decay_lr_power", None))
     lr = _base_value(base_impl, base_kwargs, "lr", None)

@@ -33,28 +33,11 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import torch
 
+from .validation import real_number
+
 RULES = ("adam", "sgd")
 ROLE_ORDER = {"adam": ("matrix-like", "vector-like"), "sgd": ("matrix-like", "vector-like", "fixed")}
 DECAY_LR_POWERS = (0, 1, 2)
-
-
-def check_real(name: str, value: Any) -> None:
-    """Raise TypeError naming ``name`` unless ``value`` is a real number or a 1-element tensor.
-
-    A bool is not a number here, and neither is a string that spells one. A 1-element real
-    tensor is accepted because torch.optim accepts a tensor lr.
-
-    Args:
-        name: argument name shown in the message (e.g. ``"lr"``).
-        value: the value supplied by the user.
-    """
-    if isinstance(value, torch.Tensor):
-        if value.numel() == 1 and value.dtype != torch.bool and not value.is_complex():
-            return
-        raise TypeError(f"Invalid {name}: {value!r} (must be a real number or a 1-element real tensor, "
-                        f"got a {value.dtype} tensor of shape {tuple(value.shape)})")
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"Invalid {name}: {value!r} (must be a real number, got {type(value).__name__})")
 
 
 def check_rule(name: str, rule: Any) -> None:
@@ -253,16 +236,16 @@ def mu_param_groups(
             infshape. Every argument is checked before any group is built.
     """
     check_rule("rule", rule)
-    check_real("lr", lr)
+    real_number("lr", lr)
     for key, default in decay_keys.items():
-        check_real(key, default)
+        real_number(key, default)
     check_decay_lr_power("decay_lr_power", decay_lr_power)
     shapes = resolve_infshapes(infshapes)
     groups = _normalise(params)
     for number, group in enumerate(groups):
         for key in ("lr", *decay_keys):
             if key in group:
-                check_real(f"{key} of params group {number}", group[key])
+                real_number(f"{key} of params group {number}", group[key])
     new_groups: list[dict[str, Any]] = []
     index = 0
     for group in groups:
@@ -328,6 +311,8 @@ def check_same_grouping(saved_groups: Sequence[dict[str, Any]], groups: Sequence
 def grouping_guard(optimizer: torch.optim.Optimizer) -> Callable[..., None]:
     """Register on ``optimizer`` a load_state_dict pre-hook that runs :func:`check_same_grouping`.
 
+    It runs before any other pre-hook: a different grouping is the first thing to report.
+
     Works for any ``torch.optim.Optimizer`` (ours, the published schedule-free classes, torch's).
 
     Args:
@@ -336,7 +321,7 @@ def grouping_guard(optimizer: torch.optim.Optimizer) -> Callable[..., None]:
     Returns:
         The handle's ``remove`` function.
     """
-    handle = optimizer.register_load_state_dict_pre_hook(_check_hook)
+    handle = optimizer.register_load_state_dict_pre_hook(_check_hook, prepend=True)
     return handle.remove
 
 
@@ -389,7 +374,6 @@ def infer_rule(optimizer_class: type) -> str | None:
 __all__ = [
     "RULES",
     "Scaling",
-    "check_real",
     "check_rule",
     "check_decay_lr_power",
     "parameter_scaling",

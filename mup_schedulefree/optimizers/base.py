@@ -15,8 +15,6 @@ What every optimizer in this package guarantees, and where the published package
 """
 from __future__ import annotations
 
-import math
-import numbers
 from itertools import chain
 from typing import Any, Callable, Iterable, Iterator
 
@@ -25,6 +23,7 @@ from torch.optim import Optimizer
 
 from .. import kernels
 from ..schedule import averaging_weight
+from ..validation import check_range
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 MASTER = "param_fp32"
@@ -83,50 +82,6 @@ def kernel_buckets(group: dict[str, Any], lists: list[list[torch.Tensor]], prefi
     for bucket in kernels.group_by_device_and_dtype(lists):
         on_cpu = bucket[0][0].device.type == "cpu"
         yield bucket, on_cpu if fused is None else bool(fused), (not on_cpu) if foreach is None else bool(foreach)
-
-
-def real_number(name: str, value: Any) -> float:
-    """``value`` as a float, or a TypeError naming ``name`` if it is not a real number.
-
-    Python and NumPy reals and one-element real tensors (a tensor learning rate) are numbers;
-    None, strings, bools and complex values are not.
-
-    Args:
-        name: argument name shown in the message.
-        value: the value supplied by the user.
-
-    Returns:
-        The value as a Python float.
-    """
-    if isinstance(value, torch.Tensor):
-        ok = value.numel() == 1 and not value.is_complex() and value.dtype != torch.bool
-    else:
-        ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    if not ok:
-        raise TypeError(f"Invalid {name}: {value!r} (must be a real number, got {type(value).__name__})")
-    return float(value)
-
-
-def check_range(name: str, value: Any, low: float, high: float | None = None, *,
-                low_open: bool = False, high_open: bool = True) -> None:
-    """Raise ValueError naming ``name`` unless ``value`` lies in the stated interval.
-
-    Args:
-        name: argument name shown in the message.
-        value: the value supplied by the user.
-        low: lower bound.
-        high: upper bound, or None for unbounded.
-        low_open: exclude ``low`` itself.
-        high_open: exclude ``high`` itself.
-    """
-    number = real_number(name, value)
-    too_low = number <= low if low_open else number < low
-    too_high = number == math.inf if high is None else (number >= high if high_open else number > high)
-    if too_low or too_high or number != number:
-        lo = "(" if low_open else "["
-        hi = ")" if high_open else "]"
-        bound = f"{lo}{low}, {high if high is not None else 'inf'}{hi}"
-        raise ValueError(f"Invalid {name}: {value!r} (must lie in {bound})")
 
 
 def check_betas(betas: Any, *, beta1_name: str = "betas[0]") -> None:
@@ -323,12 +278,8 @@ def upgrade_saved_group(group: dict[str, Any], prefix: str = "", power_key: str 
     return group
 
 
-def check_saved_state(optimizer: Optimizer, state_dict: Any) -> None:
-    """Raise before loading a state dict that is not one, or whose state does not fit the parameters.
-
-    torch pairs saved state with parameters by position; a state dict of another model (another
-    width) would attach tensors of other shapes and fail only at the first step. Every saved
-    tensor shaped like a parameter (any tensor with dimensions) must have its parameter's shape.
+def check_is_state_dict(optimizer: Optimizer, state_dict: Any) -> None:
+    """Raise ValueError naming the argument unless ``state_dict`` looks like an optimizer's state dict.
 
     Args:
         optimizer: the optimizer about to load.
@@ -337,6 +288,21 @@ def check_saved_state(optimizer: Optimizer, state_dict: Any) -> None:
     if not isinstance(state_dict, dict) or not {"state", "param_groups"} <= state_dict.keys():
         raise ValueError(f"Invalid state_dict: a dict with 'state' and 'param_groups' (as returned by "
                          f"{type(optimizer).__name__}.state_dict()) is needed, got {type(state_dict).__name__}")
+
+
+def check_saved_state(optimizer: Optimizer, state_dict: dict[str, Any]) -> None:
+    """Raise before loading a state dict whose state does not fit the parameters.
+
+    torch pairs saved state with parameters by position; a state dict of another model (another
+    width) would attach tensors of other shapes and fail only at the first step. Every saved
+    tensor shaped like a parameter (any tensor with dimensions) must have its parameter's shape.
+    Registered as a ``load_state_dict`` pre-hook, so a check of the grouping registered with
+    ``prepend=True`` (the muP factories') speaks first.
+
+    Args:
+        optimizer: the optimizer about to load.
+        state_dict: the state dict being loaded.
+    """
     saved_groups = state_dict["param_groups"]
     if len(saved_groups) != len(optimizer.param_groups):
         return  # torch's own check names the mismatch
@@ -372,6 +338,7 @@ class ScheduleFreeCore(Optimizer):
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
         super().__init__(params, {**SCHEDULE_DEFAULTS, **defaults})
+        self.register_load_state_dict_pre_hook(check_saved_state)
 
     def _beta(self, group: dict[str, Any]) -> float:
         raise NotImplementedError
@@ -518,7 +485,7 @@ class ScheduleFreeCore(Optimizer):
         Args:
             state_dict: a dict returned by :meth:`state_dict`.
         """
-        check_saved_state(self, state_dict)
+        check_is_state_dict(self, state_dict)
         state_dict = {**state_dict, "param_groups": [upgrade_saved_group(g) for g in state_dict["param_groups"]]}
         super().load_state_dict(state_dict)
         for group in self.param_groups:  # a published state dict lacks this package's own keys

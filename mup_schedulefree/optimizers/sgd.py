@@ -7,7 +7,8 @@ import torch
 
 from .. import kernels
 from ..schedule import warmup_multiplier
-from .base import ClosureForm, PrimalForm, advance_schedule, check_common, check_range
+from ..validation import check_range
+from .base import ClosureForm, PrimalForm, advance_schedule, check_common
 
 
 class SGDRule:

@@ -25,8 +25,9 @@ import torch
 from torch.optim import Optimizer
 
 from .. import kernels
-from .base import (SCHEDULE_DEFAULTS, advance_schedule, check_flags, check_range, check_saved_state, kernel_buckets,
-                   local, share_lr_ratios, train_mode_closure, upgrade_saved_group)
+from ..validation import check_range
+from .base import (SCHEDULE_DEFAULTS, advance_schedule, check_flags, check_saved_state, kernel_buckets, local,
+                   share_lr_ratios, train_mode_closure, upgrade_saved_group)
 
 PREFIX = "sf_"
 
@@ -79,6 +80,7 @@ class ScheduleFreeWrapper(Optimizer):
                          PREFIX + "foreach": foreach, PREFIX + "fused": fused, PREFIX + "train_mode": True})
         _check_group(defaults)
         super().__init__(base.param_groups, defaults)
+        self.register_load_state_dict_pre_hook(check_saved_state)
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickle/deepcopy state: torch's keeps defaults, state and groups; the base goes along."""
@@ -223,7 +225,6 @@ class ScheduleFreeWrapper(Optimizer):
                              "ScheduleFreeWrapper.state_dict() (a published wrapper's does not say whether "
                              "the parameters held x or y)")
         own = {key: value for key, value in state_dict.items() if key != "base"}
-        check_saved_state(self, own)
         own["param_groups"] = [upgrade_saved_group(g, PREFIX, PREFIX + "weight_lr_power") for g in own["param_groups"]]
         super().load_state_dict(own)
         self.base.load_state_dict(state_dict["base"])
