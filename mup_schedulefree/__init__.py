@@ -29,7 +29,7 @@ from .factories import (
     mu_optimizer,
 )
 from .scaling import mu_param_groups
-from .training import eval_mode, load_checkpoint, recalibrate_batchnorm, save_checkpoint
+from .training import eval_mode, load_checkpoint, recalibrate_batchnorm, save_checkpoint, state_dict_at_x
 
 __all__ = [
     "MuAdamW_ScheduleFree",
@@ -46,6 +46,7 @@ __all__ = [
     "eval_mode",
     "save_checkpoint",
     "load_checkpoint",
+    "state_dict_at_x",
     "recalibrate_batchnorm",
     "AdamWScheduleFree",
     "AdamWScheduleFreeClosure",
