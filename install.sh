@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install mup_schedulefree with its dev tools into the active Python, without ever swapping torch.
+# Install mup_schedulefree with its dev tools and the integrations' frameworks (transformers, accelerate,
+# lightning: the extras hf and lightning) into the active Python, without ever swapping torch.
 #
 # Two traps this avoids:
 # - An unpinned `torch` requirement pulls the newest CUDA build (several GB) and replaces a CPU torch.
@@ -22,11 +23,14 @@ echo "torch==${installed_torch:-${TORCH_VERSION:-2.13.0}}" >"$constraints"
 "$PY" - <<'PYEOF' >"$constraints.reqs"
 import tomllib
 project = tomllib.load(open("pyproject.toml", "rb"))["project"]
-for req in project["dependencies"] + project["optional-dependencies"]["dev"]:
+extras = project["optional-dependencies"]
+for req in project["dependencies"] + extras["dev"] + extras["hf"] + extras["lightning"]:
     if not req.startswith("mup"):
         print(req)
 PYEOF
 "$PY" -m pip install -q -c "$constraints" -r "$constraints.reqs"
 rm -f "$constraints.reqs"
 "$PY" -m pip install -q --no-deps -e .
-"$PY" -c 'import torch, mup, mup_schedulefree; print(f"installed mup_schedulefree with torch {torch.__version__}")'
+# Lightning imports torchvision through torchmetrics whenever torchvision is installed; a registry
+# torchvision built for another torch breaks that import, so it is checked here, not in the tests.
+"$PY" -c 'import torch, mup, mup_schedulefree, transformers, accelerate, lightning.pytorch; print(f"installed mup_schedulefree with torch {torch.__version__}")'
