@@ -2,7 +2,7 @@
 
 One module-scoped fixture fits a tiny regression model four times (checkpointing with the
 callback, without the callback, resumed from a checkpoint, with validation); each test checks one
-claim on the recorded runs.
+claim on the recorded runs. Two one-step fits check the callback's warning and error.
 """
 import copy
 import importlib
@@ -154,3 +154,37 @@ def test_import_without_lightning_names_the_extra(monkeypatch):
         importlib.import_module("mup_schedulefree.integrations.lightning")
     message = str(raised.value)
     assert 'pip install "mup_schedulefree[lightning]"' in message and "\n" not in message
+
+
+def _tiny_fit(pl, root, optimizer_class, checkpoint):
+    from mup_schedulefree.integrations.lightning import ScheduleFreeCallback
+
+    class Tiny(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Linear(2, 1)
+
+        def training_step(self, batch, index):
+            return self.net(batch[0]).pow(2).mean()
+
+        def configure_optimizers(self):
+            return optimizer_class(self.parameters(), lr=1e-2)
+
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.ones(4, 2)), batch_size=2)
+    trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, default_root_dir=root,
+                         callbacks=[ScheduleFreeCallback(), checkpoint])
+    trainer.fit(Tiny(), loader)
+
+
+def test_weights_only_checkpoints_warn_that_they_hold_y(tmp_path):
+    pl = _import_lightning()
+    from mup_schedulefree import AdamWScheduleFree
+    with pytest.warns(UserWarning, match="save_weights_only=True.*hold the training point y"):
+        _tiny_fit(pl, tmp_path, AdamWScheduleFree, pl.callbacks.ModelCheckpoint(tmp_path, save_weights_only=True))
+
+
+def test_callback_refuses_an_optimizer_without_points_at_x(tmp_path):
+    pl = _import_lightning()
+    with pytest.raises(TypeError, match=r"trainer.optimizers=\['SGD'\]"):
+        _tiny_fit(pl, tmp_path, torch.optim.SGD, pl.callbacks.ModelCheckpoint(tmp_path))

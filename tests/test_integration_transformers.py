@@ -1,8 +1,8 @@
 """Hugging Face Trainer with ScheduleFreeCallback: checkpoints and export at x, exact resume, muP groups.
 
-One module-scoped fixture trains a tiny muP GPT-2 three times (checkpointing with the callback,
-without checkpoints or callback, resumed from a checkpoint); each test checks one claim on the
-recorded runs. Everything runs on CPU, offline, in seconds.
+One module-scoped fixture trains a tiny muP GPT-2 five times (checkpointing with the callback,
+without checkpoints or callback, resumed from a checkpoint, and checkpointing right after
+Trainer's own evaluation, then resumed); each test checks one claim on the recorded runs. Everything runs on CPU, offline, in seconds.
 """
 import copy
 import importlib
@@ -42,7 +42,7 @@ def _mup_gpt2(hf):
     return model
 
 
-def _train(hf, output_dir, *, callback, save_steps=SAVE_STEPS, resume=None):
+def _train(hf, output_dir, *, callback, save_steps=SAVE_STEPS, resume=None, evaluate=False):
     """One Trainer run; returns the trainer, per-step losses, the x reference of each save, warnings."""
     from mup_schedulefree import MuAdamW_ScheduleFree
     from mup_schedulefree.integrations.transformers import ScheduleFreeCallback, mup_trainer_optimizer
@@ -67,9 +67,11 @@ def _train(hf, output_dir, *, callback, save_steps=SAVE_STEPS, resume=None):
     ids = torch.randint(0, 64, (32, 16), generator=generator)
     args = hf.TrainingArguments(output_dir, max_steps=STEPS, per_device_train_batch_size=4, logging_steps=1,
                                 save_steps=save_steps, save_strategy="steps" if save_steps else "no",
+                                eval_strategy="steps" if evaluate else "no", eval_steps=SAVE_STEPS,
                                 weight_decay=0.1, use_cpu=True, report_to=[], seed=0, disable_tqdm=True)
     recorder = Recorder()
-    trainer = hf.Trainer(_mup_gpt2(hf), args, train_dataset=[{"input_ids": r, "labels": r} for r in ids],
+    rows = [{"input_ids": r, "labels": r} for r in ids]
+    trainer = hf.Trainer(_mup_gpt2(hf), args, train_dataset=rows, eval_dataset=rows[:8] if evaluate else None,
                          callbacks=([ScheduleFreeCallback()] if callback else []) + [recorder],
                          optimizer_cls_and_kwargs=mup_trainer_optimizer(MuAdamW_ScheduleFree, lr=1e-2,
                                                                         warmup_steps=2))
@@ -91,8 +93,11 @@ def runs(tmp_path_factory):
     plain = _train(hf, str(root / "plain"), callback=False, save_steps=0)
     resumed = _train(hf, str(root / "resumed"), callback=True,
                      resume=str(root / "saving" / f"checkpoint-{SAVE_STEPS}"))
-    return SimpleNamespace(hf=hf, load=safetensors_torch.load_file, root=root, export=export,
-                           saving=saving, plain=plain, resumed=resumed)
+    evaluating = _train(hf, str(root / "evaluating"), callback=True, evaluate=True)
+    evaluated_resume = _train(hf, str(root / "evaluated_resume"), callback=True, evaluate=True,
+                              resume=str(root / "evaluating" / f"checkpoint-{SAVE_STEPS}"))
+    return SimpleNamespace(hf=hf, load=safetensors_torch.load_file, root=root, export=export, saving=saving,
+                           plain=plain, resumed=resumed, evaluating=evaluating, evaluated_resume=evaluated_resume)
 
 
 def _assert_same(state, reference):
@@ -126,6 +131,15 @@ def test_checkpoints_do_not_change_the_run(runs):
 
 def test_resume_from_checkpoint_continues_bit_identically(runs):
     assert runs.resumed.losses == runs.saving.losses[SAVE_STEPS:]
+
+
+def test_checkpoint_after_evaluation_holds_x_and_resumes_bit_identically(runs):
+    """Trainer's evaluate() leaves the optimizer in eval mode; the save that follows writes that state."""
+    for step, reference in runs.evaluating.saved_x.items():
+        weights = runs.load(str(runs.root / "evaluating" / f"checkpoint-{step}" / "model.safetensors"))
+        _assert_same(weights, reference)
+    assert len(runs.evaluating.losses) == STEPS
+    assert runs.evaluated_resume.losses == runs.evaluating.losses[SAVE_STEPS:]
 
 
 def test_linear_schedule_warns_once_naming_constant(runs):
