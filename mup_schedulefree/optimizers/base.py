@@ -545,11 +545,13 @@ class ModalForm(ScheduleFreeCore):
     def _switch(self, to_train: bool) -> None:
         raise NotImplementedError
 
+    @kernels.compile_disabled
     @torch.no_grad()
     def train(self) -> None:
         """Put the parameters at the training point y (idempotent; a new optimizer is already there)."""
         self._switch(True)
 
+    @kernels.compile_disabled
     @torch.no_grad()
     def eval(self) -> None:
         """Put the parameters at the averaged point x, for evaluation and checkpointing (idempotent)."""
@@ -576,6 +578,7 @@ class PrimalForm(ModalForm):
             self._move_points(group, [p for p in group["params"] if "z" in self.state[p]], weight)
             group["train_mode"] = to_train
 
+    @kernels.compile_disabled
     @torch.no_grad()
     def points_at_x(self) -> dict[torch.Tensor, torch.Tensor]:
         """The values ``eval()`` would give the parameters, computed out of place.
@@ -602,6 +605,7 @@ class PrimalForm(ModalForm):
             points.update((p, c if c.dtype == p.dtype else c.to(p.dtype)) for p, c in zip(params, copies))
         return points
 
+    @kernels.compile_disabled
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Take one optimization step at the training point.
@@ -632,6 +636,7 @@ class ClosureForm(ScheduleFreeCore):
         """
         return {}
 
+    @kernels.compile_disabled
     def step(self, closure: Callable[[], Any]) -> Any:  # type: ignore[override]
         """Evaluate ``closure`` at y and take one step; parameters hold x before and after.
 

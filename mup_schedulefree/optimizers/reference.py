@@ -10,6 +10,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from .. import kernels
 from ..schedule import warmup_multiplier
 from .adamw import AdamWRule
 from .base import ModalForm, advance_schedule, real_view
@@ -36,6 +37,7 @@ class _ReferenceForm(ModalForm):
                         p.copy_(self.state[p][key])
                 group["train_mode"] = to_train
 
+    @kernels.compile_disabled
     @torch.no_grad()
     def points_at_x(self) -> dict[torch.Tensor, torch.Tensor]:
         """Copies of the stored x of every parameter in a group that is in train mode.
@@ -50,6 +52,7 @@ class _ReferenceForm(ModalForm):
                    k: int) -> torch.Tensor:
         raise NotImplementedError
 
+    @kernels.compile_disabled
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Take one step: z -= lr (direction + decay at y); x averages z; y = beta x + (1 - beta) z.

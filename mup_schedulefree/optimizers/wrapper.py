@@ -127,6 +127,7 @@ class ScheduleFreeWrapper(Optimizer):
                 kernels.lerp_(points, zs, 1.0 - beta if to_train else 1.0 - 1.0 / beta, foreach=foreach, fused=fused)
             group[PREFIX + "train_mode"] = to_train
 
+    @kernels.compile_disabled
     @torch.no_grad()
     def points_at_x(self) -> dict[torch.Tensor, torch.Tensor]:
         """The values ``eval()`` would give the parameters, computed out of place on copies.
@@ -159,16 +160,19 @@ class ScheduleFreeWrapper(Optimizer):
             kernels.wrapper_exit_(points, zs, ckp1=ckp1, momentum=group[PREFIX + "momentum"],
                                   foreach=foreach, fused=fused)
 
+    @kernels.compile_disabled
     @torch.no_grad()
     def train(self) -> None:
         """Put the parameters at the training point y (idempotent)."""
         self._switch(True)
 
+    @kernels.compile_disabled
     @torch.no_grad()
     def eval(self) -> None:
         """Put the parameters at the averaged point x, for evaluation and checkpointing (idempotent)."""
         self._switch(False)
 
+    @kernels.compile_disabled
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Take one schedule-free step around one step of the base optimizer.
