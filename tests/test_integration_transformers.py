@@ -182,6 +182,38 @@ def test_trainer_groups_keep_no_decay_for_biases_and_norms_with_mup_scaling(runs
     assert {m for _, m in decays.values()} != {1.0}, "no group was scaled by muP"
 
 
+FACTORY_CASES = [("MuAdamW_ScheduleFree", (), {"lr": 1e-2}), ("MuRAdam_ScheduleFree", (), {"lr": 1e-2}),
+                 ("MuSGD_ScheduleFree", (), {"lr": 0.5}), ("MuAdamW_ScheduleFreeReference", (), {"lr": 1e-2}),
+                 ("MuSGD_ScheduleFreeReference", (), {"lr": 0.5}),
+                 ("MuScheduleFreeWrapper", (torch.optim.Adam,), {"lr": 1e-2, "betas": (0.0, 0.999)})]
+
+
+@pytest.mark.parametrize("name, args, kwargs", FACTORY_CASES, ids=[case[0] for case in FACTORY_CASES])
+def test_mup_trainer_optimizer_builds_every_factory_from_trainer_groups(name, args, kwargs):
+    """Trainer's two groups, as ``create_optimizer`` builds them, go through each factory with their decay."""
+    _import_hf()
+    import mup
+    import mup_schedulefree
+    from mup_schedulefree.integrations.transformers import mup_trainer_optimizer
+
+    def mlp(width):
+        return torch.nn.Sequential(torch.nn.Linear(4, width), torch.nn.ReLU(), torch.nn.Linear(width, width),
+                                   torch.nn.ReLU(), mup.MuReadout(width, 1))
+    model = mlp(64)
+    mup.set_base_shapes(model, mlp(16), delta=mlp(32))
+    optimizer_class, optimizer_kwargs = mup_trainer_optimizer(getattr(mup_schedulefree, name), *args, **kwargs)
+    assert isinstance(optimizer_class, type) and issubclass(optimizer_class, torch.optim.Optimizer)
+    weights = [p for n, p in model.named_parameters() if n.endswith("weight")]
+    biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
+    optimizer = optimizer_class([{"params": weights, "weight_decay": 0.1}, {"params": biases, "weight_decay": 0.0}],
+                                **optimizer_kwargs)
+    assert callable(getattr(optimizer, "points_at_x", None))
+    decay = {id(p): group["weight_decay"] for group in optimizer.param_groups for p in group["params"]}
+    assert all(decay[id(p)] == 0.0 for p in biases)
+    assert all(decay[id(p)] > 0.0 for p in weights)
+    assert {group["mup_lr_mult"] for group in optimizer.param_groups} != {1.0}
+
+
 def test_mup_trainer_optimizer_refuses_weight_decay():
     _import_hf()
     from mup_schedulefree import MuAdamW_ScheduleFree

@@ -189,7 +189,8 @@ def mup_trainer_optimizer(factory: Callable[..., torch.optim.Optimizer], *args: 
     with ``missing 1 required positional argument: 'params'``. The returned class is an Optimizer
     subclass whose construction calls ``factory(groups, *args, **kwargs)``, so Trainer passes its
     usual groups: weight decay ``TrainingArguments.weight_decay`` on weights, 0 on biases and norm
-    weights. The factory keeps those keys and scales them by muP's rules.
+    weights. The factory keeps those keys and scales them by muP's rules. The closure forms
+    (``*_ScheduleFreeClosure``) do not fit Trainer, which calls ``step()`` without a closure.
 
     Example::
 
