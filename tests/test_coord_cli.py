@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
-from coord_checks.cli import main
+from coord_checks import experiments, plots
+from coord_checks.cli import PROG, main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,13 +59,13 @@ def test_transfer_subcommand_writes_sweep_and_prints_drift(tmp_path):
      (["--model", "resnet"], "argument --model: invalid choice: 'resnet'"),
      (["--optimizer", "lion"], "argument --optimizer: invalid choice: 'lion'"),
      (["--steps", "0"], "argument --steps: expected a positive integer, got 0"),
-     (["--lr", "-1"], "argument --lr: expected a positive finite number, got -1"),
+     (["--lr", "-1"], "argument --lr: expected a positive number up to 1e+06, got -1"),
      (["--sequence", "z"], "argument --sequence: invalid choice: 'z'"),
      (["--model", "transformer", "--widths", "32", "34"], "multiples of 4"),
      (["--device", "gpu0"], "argument --device: not a torch device"),
      (["--bogus"], "unrecognized arguments: --bogus"),
      (["transfer", "--model", "cnn"], "argument --model: invalid choice: 'cnn'"),
-     (["transfer", "--lrs", "0"], "argument --lrs: expected a positive finite number, got 0")],
+     (["transfer", "--lrs", "0"], "argument --lrs: expected a positive number up to 1e+06, got 0")],
 )
 def test_bad_arguments_give_one_error_line_and_exit_status_2(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -81,3 +85,174 @@ def test_bad_argument_from_the_shell_has_no_traceback(tmp_path):
         "python -m coord_checks: error: argument --widths: expected a positive integer, got 0 (see --help)"
     ]
     assert not list(tmp_path.iterdir())
+
+
+@pytest.fixture
+def restore_threads():
+    """``main`` sets torch's intra-op threads; give the test process its own count back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def error_line(argv: list[str], capsys) -> str:
+    """Run ``main(argv)`` in-process, assert exit status 2 and exactly one stderr line; return it."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"{PROG}: error:") or lines[0].startswith(f"{PROG} transfer: error:")
+    return lines[0]
+
+
+def no_compute(*args, **kwargs):
+    raise AssertionError("the check started computing before its arguments were checked")
+
+
+TINY = ["--widths", "8", "16", "--steps", "2", "--seeds", "0", "--sequence", "y"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [(["--lr", "1e300"], "argument --lr: expected a positive number up to 1e+06, got 1e300"),
+     (["transfer", "--lrs", "0.01", "1e7"], "argument --lrs: expected a positive number up to 1e+06"),
+     (["--seeds", str(2**64)], f"argument --seeds: expected an integer in [0, 2**64), got {2**64}"),
+     (["--threads", "100000"], "argument --threads: expected a positive integer up to"),
+     (["--device", "meta"], "argument --device: cannot compute on 'meta'"),
+     (["--device", "cuda:99"], "argument --device: cannot compute on 'cuda:99'"),
+     (["transfer", "--device", "meta"], "argument --device: cannot compute on 'meta'")],
+)
+def test_values_that_parse_but_cannot_run_give_one_error_line_before_any_compute(
+        argv, message, capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(experiments, "run_coord_check", no_compute)
+    monkeypatch.setattr(experiments, "run_transfer", no_compute)
+    line = error_line([*argv, "--out", str(tmp_path / "out")], capsys)
+    assert message in line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_cuda_without_cuda_is_an_error_naming_device(capsys):
+    assert "argument --device: cannot compute on 'cuda'" in error_line(["--device", "cuda"], capsys)
+
+
+def test_out_that_is_an_existing_file_is_an_error_naming_out(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(experiments, "run_coord_check", no_compute)
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    line = error_line(["--out", str(afile)], capsys)
+    assert "argument --out:" in line and str(afile) in line and "not a folder" in line
+    assert afile.read_text() == "keep me"
+
+
+@pytest.mark.parametrize("where", ["below a file", "under /proc"])
+def test_out_that_cannot_be_created_is_an_error_naming_out(where, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(experiments, "run_coord_check", no_compute)
+    if where == "below a file":
+        (tmp_path / "afile").write_text("")
+        out = tmp_path / "afile" / "sub"
+    else:
+        if not Path("/proc/self").is_dir():
+            pytest.skip("no /proc here")
+        out = Path("/proc/coord_check_out")
+    line = error_line(["--out", str(out)], capsys)
+    assert "argument --out: cannot write to" in line and str(out) in line
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0,
+                    reason="permission bits do not stop root")
+def test_out_in_a_read_only_folder_is_an_error_naming_out(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(experiments, "run_coord_check", no_compute)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        line = error_line(["--out", str(locked / "out")], capsys)
+    finally:
+        locked.chmod(0o700)
+    assert "argument --out: cannot write to" in line
+
+
+def test_output_file_that_cannot_be_replaced_is_an_error_naming_out_and_leaves_no_temp(
+        tmp_path, capsys, restore_threads):
+    out = tmp_path / "out"
+    (out / "coord_check_mlp_adamw_verdict.csv").mkdir(parents=True)
+    line = error_line([*TINY, "--out", str(out)], capsys)
+    assert "argument --out: cannot write" in line and "coord_check_mlp_adamw_verdict.csv" in line
+    assert sorted(os.listdir(out)) == ["coord_check_mlp_adamw.csv", "coord_check_mlp_adamw_verdict.csv"]
+
+
+def test_out_of_memory_is_an_error_naming_widths(tmp_path, capsys, restore_threads):
+    line = error_line(["--widths", "8", str(10**15), "--steps", "2", "--seeds", "0",
+                       "--out", str(tmp_path)], capsys)
+    assert "argument --widths: out of memory" in line
+    assert not os.listdir(tmp_path)
+
+
+def test_transfer_where_every_lr_diverges_is_an_error_naming_lrs_and_nothing_else(tmp_path):
+    out = tmp_path / "out"
+    result = run_cli("transfer", "--optimizer", "sgd", "--widths", "8", "16", "--steps", "3",
+                     "--lrs", "1e5", "1e6", "--out", str(out), cwd=tmp_path)
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()  # from the shell: no grid-edge warning before the error
+    assert len(lines) == 1 and lines[0].startswith(f"{PROG} transfer: error: argument --lrs:"), lines
+    assert "every learning rate diverged" in lines[0]
+    assert not os.listdir(out)
+
+
+def interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+def status_after_interrupt(argv: list[str]) -> int:
+    """``main(argv)``'s return value; a KeyboardInterrupt escaping it fails the test, not the session."""
+    try:
+        return main(argv)
+    except KeyboardInterrupt:
+        pytest.fail("KeyboardInterrupt escaped main()")
+
+
+def test_ctrl_c_during_the_run_exits_130_with_one_line_and_writes_nothing(
+        tmp_path, capsys, monkeypatch, restore_threads):
+    monkeypatch.setattr(experiments, "run_coord_check", interrupt)
+    assert status_after_interrupt(["--out", str(tmp_path)]) == 130
+    assert capsys.readouterr().err.splitlines() == [f"{PROG}: interrupted"]
+    assert not os.listdir(tmp_path)
+
+
+def test_ctrl_c_while_writing_leaves_only_complete_files(tmp_path, capsys, monkeypatch, restore_threads):
+    def half_a_png(fig, path, dpi=120):
+        Path(path).write_bytes(b"\x89PNG\r\n")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(plots, "save_figure", half_a_png)
+    assert status_after_interrupt([*TINY, "--out", str(tmp_path)]) == 130
+    assert capsys.readouterr().err.splitlines() == [f"{PROG}: interrupted"]
+    assert sorted(os.listdir(tmp_path)) == ["coord_check_mlp_adamw.csv", "coord_check_mlp_adamw_verdict.csv"]
+    assert len(pd.read_csv(tmp_path / "coord_check_mlp_adamw.csv")) > 0
+
+
+def test_sigint_from_the_shell_exits_130_with_one_line_and_no_files(tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "coord_checks", "--widths", "64", "1024", "--steps", "100000",
+         "--seeds", "0", "--out", str(out)],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # a background shell ignores it
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not out.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)  # the folder appears once main() runs: from then on Ctrl-C is handled
+        if not out.exists():
+            process.kill()
+            pytest.fail(f"the output folder never appeared: {process.communicate()}")
+        process.send_signal(signal.SIGINT)
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 130, stderr
+    assert stderr.splitlines() == [f"{PROG}: interrupted"]
+    assert not os.listdir(out)
