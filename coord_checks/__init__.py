@@ -7,12 +7,31 @@ DataFrame of per-module statistics at the schedule-free training point y and eva
 ``run_coord_check`` and ``run_transfer`` do all of it for the example models, and
 ``python -m coord_checks`` from the command line.
 """
-from coord_checks.experiments import run_coord_check, run_transfer
-from coord_checks.models import build_model
-from coord_checks.plots import plot_coords, plot_transfer, save_figure
-from coord_checks.recording import record_coords
-from coord_checks.transfer import fit_optima, lr_grid, optimum_drift, sweep_learning_rates
-from coord_checks.verdict import Thresholds, Verdict, judge
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# Public name -> submodule. Imported on first use, so ``python -m coord_checks`` can answer Ctrl-C
+# with one line even while torch and matplotlib are still loading.
+_HOMES = {
+    "run_coord_check": "experiments", "run_transfer": "experiments",
+    "build_model": "models",
+    "plot_coords": "plots", "plot_transfer": "plots", "save_figure": "plots",
+    "record_coords": "recording",
+    "fit_optima": "transfer", "lr_grid": "transfer", "optimum_drift": "transfer", "sweep_learning_rates": "transfer",
+    "Thresholds": "verdict", "Verdict": "verdict", "judge": "verdict",
+}
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name's submodule the first time the name is used."""
+    if name not in _HOMES:
+        raise AttributeError(f"module 'coord_checks' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"coord_checks.{_HOMES[name]}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "record_coords",

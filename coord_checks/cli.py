@@ -32,14 +32,13 @@ import numpy as np
 import torch
 
 from coord_checks import experiments, plots, transfer, verdict
-from coord_checks.models import MODEL_NAMES
+from coord_checks.models import MODEL_NAMES, N_HEADS
 from coord_checks.optimizers import OPTIMIZER_NAMES
 from coord_checks.recording import STATISTICS
 
 PROG = "python -m coord_checks"
 DEFAULT_OUT = "coord_check_out"
 _SEQUENCES = {"y": ("y",), "x": ("x",), "both": ("y", "x")}
-_N_HEADS = 4
 #: Largest accepted learning rate: far beyond divergence, and small enough that the optimizers'
 #: scalar arithmetic (lr squared, lr times muP multipliers, as float32) cannot overflow.
 _MAX_LR = 1e6
@@ -139,9 +138,9 @@ def _check_widths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     if args.widths is not None and len(set(args.widths)) < 2:
         parser.error(f"argument --widths: need at least two distinct widths, got {args.widths}")
     if args.model == "transformer" and args.widths is not None:
-        bad = [w for w in args.widths if w % _N_HEADS]
+        bad = [w for w in args.widths if w % N_HEADS]
         if bad:
-            parser.error(f"argument --widths: transformer widths must be multiples of {_N_HEADS} "
+            parser.error(f"argument --widths: transformer widths must be multiples of {N_HEADS} "
                          f"(the head count), got {bad}")
     if len(set(args.seeds)) != len(args.seeds):
         parser.error(f"argument --seeds: seeds must be distinct, got {args.seeds}")

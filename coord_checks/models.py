@@ -44,6 +44,8 @@ PARAMETRIZATIONS: tuple[str, ...] = ("mup", "sp")
 MODEL_NAMES: tuple[str, ...] = ("mlp", "cnn", "transformer")
 #: Width at which muP and SP models coincide (width_mult = 1), per example model.
 BASE_WIDTHS: dict[str, int] = {"mlp": 64, "cnn": 16, "transformer": 32}
+#: Attention heads of the example Transformer, fixed across widths (its widths must be multiples).
+N_HEADS = 4
 
 
 def check_parametrization(parametrization: str) -> str:
@@ -214,7 +216,7 @@ class GPT(nn.Module):
         vocab_size: int = VOCAB_SIZE,
         max_seq_len: int = 32,
         n_layers: int = 2,
-        n_heads: int = 4,
+        n_heads: int = N_HEADS,
         parametrization: str = "mup",
         base_width: int = BASE_WIDTHS["transformer"],
     ) -> None:
