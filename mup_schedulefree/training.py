@@ -30,10 +30,18 @@ _WRAPPER_DEPTH = 8     # how many ``.optimizer`` attributes to look through
 CHECKPOINT_KEYS = ("model", "model_at_y", "optimizer", "optimizer_was_training", "optimizer_param_shapes")
 
 
-def _holder(optimizer: Any, attribute: str) -> Any:
+def unwrap_optimizer(optimizer: Any, attribute: str = "points_at_x") -> Any:
     """The first of ``optimizer``, ``optimizer.optimizer``, ... that has ``attribute``, or None.
 
-    Wrappers such as accelerate's ``AcceleratedOptimizer`` keep the optimizer they wrap there.
+    Wrappers such as accelerate's ``AcceleratedOptimizer`` and Lightning's keep the optimizer they
+    wrap there. With the default attribute this finds the schedule-free optimizer of this package.
+
+    Args:
+        optimizer: an optimizer, possibly wrapped.
+        attribute: what the optimizer looked for has.
+
+    Returns:
+        That optimizer, or None if no optimizer in the chain has ``attribute``.
     """
     for _ in range(_WRAPPER_DEPTH):
         if optimizer is None or hasattr(optimizer, attribute):
@@ -46,7 +54,7 @@ def _optimizer_mode(optimizer: Any) -> bool | None:
     """The optimizer's train mode, or None for forms without one (closure forms hold x always)."""
     if not hasattr(optimizer, "eval") or not hasattr(optimizer, "train"):
         return None
-    holder = _holder(optimizer, "train_mode")
+    holder = unwrap_optimizer(optimizer, "train_mode")
     if holder is not None:
         return bool(holder.train_mode)
     groups = getattr(optimizer, "param_groups", [])
@@ -89,7 +97,7 @@ def eval_mode(model: nn.Module, optimizer: Any) -> Iterator[None]:
 
 def _at_x(model: nn.Module, optimizer: Any) -> tuple[dict[str, Any], list[str]]:
     """The model's state dict at x, and the keys whose current value differs from it (they hold y)."""
-    holder = _holder(optimizer, "points_at_x")
+    holder = unwrap_optimizer(optimizer)
     if holder is None:
         return _at_x_by_round_trip(model, optimizer)
     points = {id(p): point for p, point in holder.points_at_x().items()}

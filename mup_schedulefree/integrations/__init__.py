@@ -34,24 +34,6 @@ def require(module: str, extra: str, feature: str) -> ModuleType:
                           f'pip install "mup_schedulefree[{extra}]"') from error
 
 
-def schedule_free_optimizer(optimizer: Any) -> Any:
-    """The schedule-free optimizer inside framework wrappers (accelerate's, Lightning's), or None.
-
-    Args:
-        optimizer: an optimizer, possibly wrapped; wrappers keep the wrapped one as ``.optimizer``.
-
-    Returns:
-        The first optimizer in the chain with ``points_at_x``, or None if there is none.
-    """
-    seen = set()
-    while optimizer is not None and id(optimizer) not in seen:
-        if callable(getattr(optimizer, "points_at_x", None)):
-            return optimizer
-        seen.add(id(optimizer))
-        optimizer = getattr(optimizer, "optimizer", None)
-    return None
-
-
 def params_in_state_dict_order(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     """The parameters in the order ``optimizer.state_dict()`` numbers them.
 

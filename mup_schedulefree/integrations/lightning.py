@@ -13,8 +13,8 @@ from typing import Any
 
 from torch import nn
 
-from . import require, restore_train_points, schedule_free_optimizer, with_train_points
-from ..training import state_dict_at_x
+from ..training import state_dict_at_x, unwrap_optimizer
+from . import require, restore_train_points, with_train_points
 
 
 def _import_lightning() -> Any:
@@ -52,7 +52,7 @@ class ScheduleFreeCallback(pl.Callback):
 
     @staticmethod
     def _optimizers(trainer: Any) -> list[Any]:
-        found = [schedule_free_optimizer(optimizer) for optimizer in trainer.optimizers]
+        found = [unwrap_optimizer(optimizer) for optimizer in trainer.optimizers]
         return [optimizer for optimizer in found if optimizer is not None]
 
     def _restore(self, trainer: Any) -> list[Any]:
@@ -175,7 +175,7 @@ class ScheduleFreeCallback(pl.Callback):
         checkpoint["state_dict"] = _state_dict_at_x(pl_module, optimizers, checkpoint["state_dict"])
         states = checkpoint.get("optimizer_states", [])
         for index, optimizer in enumerate(trainer.optimizers):
-            inner = schedule_free_optimizer(optimizer)
+            inner = unwrap_optimizer(optimizer)
             if inner is not None and index < len(states):
                 states[index] = with_train_points(inner, states[index])
 

@@ -24,8 +24,8 @@ import mup
 import torch
 from torch import nn
 
-from . import require, restore_train_points, schedule_free_optimizer, with_train_points
-from ..training import state_dict_at_x
+from ..training import state_dict_at_x, unwrap_optimizer
+from . import require, restore_train_points, with_train_points
 
 transformers = require("transformers", "hf", "mup_schedulefree.integrations.transformers")
 
@@ -149,7 +149,7 @@ class ScheduleFreeCallback(transformers.TrainerCallback):
 
     @staticmethod
     def _optimizer(optimizer: Any) -> Any:
-        inner = schedule_free_optimizer(optimizer)
+        inner = unwrap_optimizer(optimizer)
         if inner is None:
             raise TypeError(f"ScheduleFreeCallback needs a schedule-free optimizer of mup_schedulefree (one with "
                             f"points_at_x), got optimizer={type(optimizer).__name__}")
