@@ -1,13 +1,16 @@
 """Time the native schedule-free steps against torch's fused AdamW/SGD and the published schedulefree AdamW.
 
 Usage:
-    python benchmarks/bench_kernels.py [--threads 2] [--rounds 15] [--steps 3]
+    python benchmarks/bench_kernels.py [--threads 1] [--rounds 15] [--steps 3]
 
 All timings run in one process with the same thread count on every side (OMP_NUM_THREADS and
-torch.set_num_threads, which the native kernels follow). The machine may be shared and noisy, so
-contenders run interleaved, a few steps each per round, and the script reports the median step time,
-the 10th percentile (closer to a quiet machine), and the median over rounds of the per-round ratio
-to the baseline (fused AdamW for the Adam-like steps, fused SGD for the SGD-like ones). Every
+torch.set_num_threads, which the native kernels follow). One thread by default: on a machine shared
+with other jobs every parallel region waits for the slowest core it was promised, so multi-thread
+ratios there measure the load. The machine may be shared and noisy, so contenders run interleaved,
+a few steps each per round, and the script reports the minimum, median and maximum over rounds of
+each round's median step time (exact order statistics of the rounds taken), and the median (min,
+max) over rounds of the per-round ratio to the baseline (fused AdamW for the Adam-like steps,
+fused SGD for the SGD-like ones). Every
 contender owns fresh tensors; gradients that schedulefree overwrites in place are restored, untimed,
 before each of its steps.
 
@@ -24,7 +27,8 @@ import sys
 
 if __name__ == "__main__":  # thread count must be fixed before torch starts its OpenMP runtime
     _ARGS = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    _ARGS.add_argument("--threads", type=int, default=2, help="torch and OpenMP threads, both sides (default 2)")
+    _ARGS.add_argument("--threads", type=int, default=1,
+                       help="torch and OpenMP threads, both sides (default 1: see the module docstring)")
     _ARGS.add_argument("--rounds", type=int, default=15, help="interleaved rounds (default 15)")
     _ARGS.add_argument("--steps", type=int, default=3, help="timed steps per contender per round (default 3)")
     _ARGS.add_argument("--memory-child", action="store_true", help=argparse.SUPPRESS)
@@ -119,13 +123,13 @@ CONTENDERS = {  # name -> baseline for its ratio
 
 
 def time_workload(shapes: list[tuple[int, ...]], rounds: int, steps: int) -> dict[str, dict[str, float]]:
-    """Interleaved timing; per contender the median and 10th-percentile step (ms) and median per-round ratio."""
+    """Interleaved timing; per contender the min/median/max over rounds of the round's median step (ms) and of
+    the per-round ratio to its baseline."""
     contenders = [Contender(name, shapes) for name in CONTENDERS]
     for c in contenders:  # warm-up: creates optimizer state, faults in pages
         for _ in range(2):
             c.prepare()
             c.step()
-    times: dict[str, list[float]] = {c.name: [] for c in contenders}
     per_round: dict[str, list[float]] = {c.name: [] for c in contenders}
     for r in range(rounds):
         order = contenders[r % len(contenders):] + contenders[:r % len(contenders)]
@@ -136,15 +140,18 @@ def time_workload(shapes: list[tuple[int, ...]], rounds: int, steps: int) -> dic
                 start = time.perf_counter()
                 c.step()
                 mine.append(time.perf_counter() - start)
-            times[c.name] += mine
             per_round[c.name].append(statistics.median(mine))
     result = {}
     for name, baseline in CONTENDERS.items():
         ratios = [mine / base for mine, base in zip(per_round[name], per_round[baseline])]
-        ordered = sorted(times[name])
-        result[name] = {"ms": 1e3 * statistics.median(ordered), "p10": 1e3 * ordered[len(ordered) // 10],
-                        "ratio": statistics.median(ratios), "baseline": baseline}
+        ms = [1e3 * t for t in per_round[name]]
+        result[name] = {"ms": spread(ms, 3), "ratio": spread(ratios), "baseline": baseline}
     return result
+
+
+def spread(values: list[float], digits: int = 2) -> str:
+    """'median [min, max]' of the values, with ``digits`` decimals."""
+    return f"{statistics.median(values):.{digits}f} [{min(values):.{digits}f}, {max(values):.{digits}f}]"
 
 
 def python_overhead_us(count: int, repeats: int = 2000) -> float:
@@ -236,10 +243,10 @@ def main() -> None:
         numel = sum(torch.Size(s).numel() for s in shapes)
         print(f"\n{workload}: {len(shapes)} tensors, {numel / 1e6:.1f}M float32 "
               f"({4 * numel / 2**20:.0f} MiB per parameter-sized buffer)")
-        print(f"  {'contender':28s} {'median ms':>10s} {'p10 ms':>8s} {'ratio':>7s}  {'vs':18s} "
+        print(f"  {'contender':28s} {'ms median [min, max]':>28s} {'ratio median [min, max]':>24s}  {'vs':18s} "
               f"{'step transient MiB':>18s}")
         for name, row in time_workload(shapes, ARGS.rounds, ARGS.steps).items():
-            print(f"  {name:28s} {row['ms']:10.2f} {row['p10']:8.2f} {row['ratio']:7.2f}  {row['baseline']:18s} "
+            print(f"  {name:28s} {row['ms']:>28s} {row['ratio']:>24s}  {row['baseline']:18s} "
                   f"{memory.get((workload, name), 'n/a'):>18s}")
 
 
