@@ -4,8 +4,8 @@ Data first, pictures second: ``record_coords`` trains models of several widths a
 DataFrame of per-module statistics at the schedule-free training point y and evaluation point x;
 ``judge`` turns it into a pass/fail verdict; ``plot_coords`` draws it. ``sweep_learning_rates``,
 ``fit_optima`` and ``optimum_drift`` check that the best learning rate transfers across widths.
-``run_coord_check`` and ``run_transfer`` do all of it for the example models, and
-``python -m coord_checks`` from the command line.
+``run_coord_check`` and ``run_transfer`` do all of it for the example models, ``check_model`` for
+your own (``coord_checks.custom``), and ``python -m coord_checks`` from the command line.
 """
 from __future__ import annotations
 
@@ -17,7 +17,9 @@ from typing import Any
 _HOMES = {
     "run_coord_check": "experiments", "run_transfer": "experiments",
     "build_model": "models",
-    "plot_coords": "plots", "plot_transfer": "plots", "save_figure": "plots",
+    "check_model": "custom", "prepare_model": "custom", "log_spaced_steps": "custom",
+    "causal_lm_factory": "huggingface",
+    "plot_coords": "plots", "plot_over_time": "plots", "plot_transfer": "plots", "save_figure": "plots",
     "record_coords": "recording",
     "fit_optima": "transfer", "lr_grid": "transfer", "optimum_drift": "transfer", "sweep_learning_rates": "transfer",
     "Thresholds": "verdict", "Verdict": "verdict", "judge": "verdict",
@@ -39,6 +41,7 @@ __all__ = [
     "Thresholds",
     "Verdict",
     "plot_coords",
+    "plot_over_time",
     "plot_transfer",
     "save_figure",
     "sweep_learning_rates",
@@ -46,6 +49,10 @@ __all__ = [
     "optimum_drift",
     "lr_grid",
     "build_model",
+    "check_model",
+    "prepare_model",
+    "log_spaced_steps",
+    "causal_lm_factory",
     "run_coord_check",
     "run_transfer",
 ]

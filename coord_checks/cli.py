@@ -31,10 +31,10 @@ from typing import Any, Callable, Iterator, NoReturn, Sequence
 import numpy as np
 import torch
 
-from coord_checks import experiments, plots, transfer, verdict
+from coord_checks import custom, experiments, plots, transfer, verdict
 from coord_checks.models import MODEL_NAMES, N_HEADS
-from coord_checks.optimizers import OPTIMIZER_NAMES
-from coord_checks.recording import STATISTICS
+from coord_checks.optimizers import DEFAULT_LRS, OPTIMIZER_NAMES, optimizer_factory
+from coord_checks.recording import STATISTICS, record_coords
 
 PROG = "python -m coord_checks"
 DEFAULT_OUT = "coord_check_out"
@@ -82,8 +82,28 @@ _thread_count = _number(int, f"a positive integer up to {_CPUS} (the CPU count)"
                         lambda value: 0 < value <= _CPUS)
 
 
+def _model_choice(models: Sequence[str]) -> Callable[[str], str]:
+    """An argparse ``type`` accepting an example model's name or ``module:function``."""
+
+    def parse(text: str) -> str:
+        if text in models or ":" in text:
+            return text
+        choices = ", ".join(repr(m) for m in models)
+        raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from {choices}, "
+                                         "or module:function for your own model)")
+
+    return parse
+
+
+#: Flags that only a user model (``--model module:function``) takes, with their defaults.
+_USER_FLAGS = {"base_width": None, "data": "text", "loss": "cross_entropy", "readout": None,
+               "attention": None}
+
+
 def _add_common(parser: argparse.ArgumentParser, models: Sequence[str], seeds: Sequence[int]) -> None:
-    parser.add_argument("--model", choices=models, default="mlp", help="example model (default: mlp)")
+    parser.add_argument("--model", type=_model_choice(models), default="mlp", metavar="MODEL",
+                        help=f"example model ({', '.join(models)}; default: mlp), or your own: "
+                             "module:function or path/file.py:function, a function width -> nn.Module")
     parser.add_argument("--optimizer", choices=OPTIMIZER_NAMES, default="adamw",
                         help="schedule-free optimizer; muP uses its Mu* factory (default: adamw)")
     parser.add_argument("--widths", type=_positive_int, nargs="+", metavar="W",
@@ -97,6 +117,21 @@ def _add_common(parser: argparse.ArgumentParser, models: Sequence[str], seeds: S
                         help="torch intra-op threads (default: 1; more help a little on an idle "
                              "machine, but make these many tiny operations crawl when other "
                              "processes compete for the cores)")
+    own = parser.add_argument_group("your own model (--model module:function)")
+    own.add_argument("--base-width", type=_positive_int, metavar="B",
+                     help="set base shapes from the factory at widths B and 2B (default: the factory "
+                          "sets them itself)")
+    own.add_argument("--data", default="text", metavar="SOURCE",
+                     help="batches: 'text' (built-in next-character token sequences, vocabulary "
+                          "of 96) or module:function, a function (n_batches, split) -> [(inputs, "
+                          "targets), ...] with split 'train' or 'eval' (default: text)")
+    own.add_argument("--loss", default="cross_entropy", metavar="LOSS",
+                     help="cross_entropy, mse, or module:function (output, targets) -> loss "
+                          "(default: cross_entropy)")
+    own.add_argument("--readout", metavar="NAME",
+                     help="the readout module (default: the last MuReadout, else the last Linear)")
+    own.add_argument("--attention", nargs="+", metavar="NAME",
+                     help="modules whose output is attention logits (default: those named attn_logits)")
 
 
 def build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
@@ -111,8 +146,12 @@ def build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                     "muP. Run 'python -m coord_checks transfer --help' for the learning-rate sweep.",
     )
     _add_common(check, MODEL_NAMES, seeds=(0, 1, 2))
-    check.add_argument("--steps", type=_positive_int, help="recorded steps, step 1 = init "
-                       "(default: 4; 10 for radam)")
+    length = check.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=_positive_int, help="recorded steps, step 1 = init "
+                        "(default: 4; 10 for radam)")
+    length.add_argument("--horizon", type=_positive_int, metavar="N",
+                        help="train N steps, record at log-spaced steps, and judge each module as "
+                             "flat, grows-then-settles or keeps-growing (only the last fails)")
     check.add_argument("--sequence", choices=tuple(_SEQUENCES), default="both",
                        help="measure at the training point y, the evaluation point x, or both (default)")
     check.add_argument("--lr", type=_learning_rate, help="base-width learning rate (default: per optimizer)")
@@ -134,11 +173,31 @@ def build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     return check, sweep
 
 
+def is_user_model(args: argparse.Namespace) -> bool:
+    """Whether ``--model`` names the user's factory (``module:function``) rather than an example.
+
+    Args:
+        args: parsed arguments.
+
+    Returns:
+        True for ``module:function``.
+    """
+    return ":" in args.model
+
+
 def _check_widths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if is_user_model(args):
+        if args.widths is None:
+            parser.error("argument --widths: required with --model module:function")
+    else:
+        given = [flag for flag, default in _USER_FLAGS.items() if getattr(args, flag) != default]
+        if given:
+            parser.error(f"argument --{given[0].replace('_', '-')}: only with your own model "
+                         "(--model module:function)")
     if args.widths is not None and len(set(args.widths)) < 2:
         parser.error(f"argument --widths: need at least two distinct widths, got {args.widths}")
     if args.model == "transformer" and args.widths is not None:
-        bad = [w for w in args.widths if w % N_HEADS]
+        bad = [w for w in args.widths if w % N_HEADS]  # user models are checked by building them
         if bad:
             parser.error(f"argument --widths: transformer widths must be multiples of {N_HEADS} "
                          f"(the head count), got {bad}")
@@ -205,8 +264,100 @@ def _out_of_memory_as_usage_error(args: argparse.Namespace, default_widths: Sequ
                          f"{widest}; try smaller widths") from None
 
 
+def _as_usage_error(error: custom.ArgumentError) -> UsageError:
+    return UsageError(f"argument --{error.argument.replace('_', '-')}: {error.message}")
+
+
+def prepare_user_model(args: argparse.Namespace) -> custom.ModelSpec:
+    """The user's model factory from ``--model``, checked, with base shapes from ``--base-width``.
+
+    Args:
+        args: parsed arguments with ``--model module:function``.
+
+    Returns:
+        The ``ModelSpec``.
+
+    Raises:
+        UsageError: naming the flag at fault (see ``coord_checks.custom.prepare_model``).
+    """
+    try:
+        return custom.prepare_model(args.model, args.widths, args.base_width, args.readout, args.attention)
+    except custom.ArgumentError as error:
+        raise _as_usage_error(error) from None
+
+
+def load_user_batches(args: argparse.Namespace, n_batches: int, split: str) -> list:
+    """``--data``'s batches (see ``coord_checks.custom.load_batches``).
+
+    Args:
+        args: parsed arguments.
+        n_batches: batches wanted.
+        split: ``"train"`` or ``"eval"``.
+
+    Returns:
+        The batches.
+
+    Raises:
+        UsageError: naming ``--data``.
+    """
+    try:
+        return custom.load_batches(args.data, n_batches, split)
+    except custom.ArgumentError as error:
+        raise _as_usage_error(error) from None
+
+
+def user_loss(args: argparse.Namespace) -> custom.LossFn:
+    """``--loss``'s function (see ``coord_checks.custom.resolve_loss``).
+
+    Args:
+        args: parsed arguments.
+
+    Returns:
+        The loss function.
+
+    Raises:
+        UsageError: naming ``--loss``.
+    """
+    try:
+        return custom.resolve_loss(args.loss)
+    except custom.ArgumentError as error:
+        raise _as_usage_error(error) from None
+
+
+@contextmanager
+def _user_code_failure_as_usage_error(args: argparse.Namespace, label: str) -> Iterator[None]:
+    """Turn an exception raised while the user's model trains into a ``UsageError`` naming ``--model``
+    (out of memory is left to ``_out_of_memory_as_usage_error``)."""
+    try:
+        yield
+    except custom.ArgumentError as error:
+        raise _as_usage_error(error) from None
+    except (RuntimeError, TypeError, ValueError, IndexError, AttributeError, KeyError) as error:
+        if isinstance(error, RuntimeError) and _OUT_OF_MEMORY.search(str(error)):
+            raise
+        raise UsageError(f"argument --model: {label} failed while training on --data {args.data} "
+                         f"with --loss {args.loss}: {custom.first_line(error)}") from None
+
+
+def _record_user_model(args: argparse.Namespace) -> custom.CheckResult:
+    """The user's model's check (muP only), with every failure it can cause as a ``UsageError``."""
+    with _out_of_memory_as_usage_error(args, args.widths), \
+            _user_code_failure_as_usage_error(args, args.model):
+        return custom.check_model(
+            args.model, args.widths, data=args.data, loss=args.loss, optimizer=args.optimizer,
+            lr=args.lr, steps=args.steps, horizon=args.horizon, base_width=args.base_width,
+            seeds=args.seeds, batches=args.batches, readout=args.readout, attention=args.attention,
+            statistic=args.statistic, sequences=_SEQUENCES[args.sequence], device=args.device,
+            progress=True,
+        )
+
+
 def run_check(args: argparse.Namespace) -> int:
     """Run the coordinate check described by parsed arguments.
+
+    An example model runs in SP and in muP; the user's model (``--model module:function``) in
+    muP. With ``--horizon N`` the run trains N steps, records log-spaced steps and judges each
+    module over time.
 
     Args:
         args: namespace from the check parser.
@@ -215,36 +366,57 @@ def run_check(args: argparse.Namespace) -> int:
         Exit status: 0 if the muP run passes, 1 if it fails.
 
     Raises:
-        UsageError: if the run runs out of memory or an output file cannot be written.
+        UsageError: if the run runs out of memory, the user's model cannot be used, or an output
+            file cannot be written.
     """
     start = time.perf_counter()
-    with _out_of_memory_as_usage_error(args, experiments.DEFAULT_WIDTHS[args.model]):
-        frame = experiments.run_coord_check(
-            model=args.model,
-            optimizer=args.optimizer,
-            widths=args.widths,
-            steps=args.steps,
-            seeds=args.seeds,
-            sequences=_SEQUENCES[args.sequence],
-            lr=args.lr,
-            batches=args.batches,
-            statistics=(args.statistic,),
-            device=args.device,
-            progress=True,
-        )
-    judged = verdict.judge(frame, statistic=args.statistic)
+    steps = args.horizon or args.steps or experiments.DEFAULT_STEPS[args.optimizer]
+    record_steps = custom.log_spaced_steps(args.horizon) if args.horizon else None
+    if is_user_model(args):
+        frame, judged, spec = _record_user_model(args)
+        label, name = spec.label, custom.file_label(args.model)
+        lr = DEFAULT_LRS[args.optimizer] if args.lr is None else args.lr
+    else:
+        with _out_of_memory_as_usage_error(args, experiments.DEFAULT_WIDTHS[args.model]):
+            frame = experiments.run_coord_check(
+                model=args.model,
+                optimizer=args.optimizer,
+                widths=args.widths,
+                steps=steps,
+                seeds=args.seeds,
+                sequences=_SEQUENCES[args.sequence],
+                lr=args.lr,
+                batches=args.batches,
+                statistics=(args.statistic,),
+                device=args.device,
+                progress=True,
+                record_steps=record_steps,
+            )
+        judged = verdict.judge(frame, statistic=args.statistic, over_time=bool(args.horizon))
+        label, name = args.model, args.model
+        lr = args.lr if args.lr is not None else experiments.default_lr(args.model, args.optimizer)
     out = Path(args.out)
-    stem = f"coord_check_{args.model}_{args.optimizer}"
+    stem = f"coord_check_{name}_{args.optimizer}"
+    written = [f"{stem}.csv", f"{stem}_verdict.csv", f"{stem}.png"]
     _write_whole(out / f"{stem}.csv", lambda path: frame.to_csv(path, index=False))
     _write_whole(out / f"{stem}_verdict.csv", lambda path: judged.table.to_csv(path, index=False))
-    lr = args.lr if args.lr is not None else experiments.default_lr(args.model, args.optimizer)
-    title = (f"{args.model}, {args.optimizer} schedule-free, base-width lr {lr:g}: "
-             f"mean {args.statistic} of module outputs vs width (SP {judged.headline('sp')}, "
-             f"muP {judged.headline('mup')})")
+    verdicts = ", ".join(f"{'SP' if p == 'sp' else 'muP'} {judged.headline(p)}"
+                         for p in judged.table["parametrization"].unique())
+    title = (f"{label}, {args.optimizer} schedule-free, base-width lr {lr:g}: "
+             f"mean {args.statistic} of module outputs vs width ({verdicts})")
     figure = plots.plot_coords(frame, statistic=args.statistic, title=title)
     _write_whole(out / f"{stem}.png", lambda path: plots.save_figure(figure, path))
+    if args.horizon:
+        written += [f"{stem}_over_time.csv", f"{stem}_over_time.png"]
+        behaviour = judged.behaviour()
+        _write_whole(out / written[-2], lambda path: behaviour.to_csv(path, index=False))
+        over_time = plots.plot_over_time(
+            judged.table, judged.thresholds.fail_slope,
+            title=f"{label}, {args.optimizer} schedule-free, {args.horizon} steps: width slope of "
+                  f"each module over time ({verdicts})")
+        _write_whole(out / written[-1], lambda path: plots.save_figure(over_time, path))
     print(judged.format())
-    print(f"\nwrote {stem}.csv, {stem}_verdict.csv and {stem}.png to {out.resolve()}/ "
+    print(f"\nwrote {', '.join(written[:-1])} and {written[-1]} to {out.resolve()}/ "
           f"in {time.perf_counter() - start:.1f} s")
     return 0 if judged.passed("mup") else 1
 

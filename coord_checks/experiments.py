@@ -215,6 +215,7 @@ def run_coord_check(
     parametrizations: Sequence[str] = ("sp", "mup"),
     device: str | torch.device = "cpu",
     progress: bool = False,
+    record_steps: Sequence[int] | None = None,
 ) -> pd.DataFrame:
     """Coordinate check of a named optimizer on an example model, in SP and in muP.
 
@@ -232,6 +233,7 @@ def run_coord_check(
         parametrizations: which of ``"sp"`` and ``"mup"`` to run.
         device: where to train.
         progress: show tqdm progress bars.
+        record_steps: the steps to record (default every step; see ``record_coords``).
 
     Returns:
         The recording frame of all runs (``coord_checks.recording.COLUMNS``).
@@ -262,6 +264,7 @@ def run_coord_check(
             device=device,
             parametrization=parametrization,
             progress=progress,
+            record_steps=record_steps,
         )
         for parametrization in parametrizations
     ]

@@ -12,6 +12,7 @@ from typing import Sequence
 
 import matplotlib
 import matplotlib.lines
+import matplotlib.ticker
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
@@ -127,6 +128,61 @@ def plot_coords(
                    for m in modules}
         fig.legend(handles.values(), handles.keys(), loc="outside right center",
                    ncols=legend_columns, title="module")
+        if title:
+            fig.suptitle(title)
+    return fig
+
+
+def plot_over_time(
+    table: pd.DataFrame,
+    fail_slope: float = 0.25,
+    title: str | None = None,
+) -> Figure:
+    """Width slope of every module against the step, for a long run recorded at log-spaced steps.
+
+    One panel per parametrization (columns, SP left) and sequence (rows). A line above the dashed
+    fail threshold at the end of the run keeps growing with width; one that comes down and stays
+    below it settles.
+
+    Args:
+        table: a judged table (``Verdict.table``); ``init`` rows are left out.
+        fail_slope: the threshold drawn (``Thresholds.fail_slope``).
+        title: figure title.
+
+    Returns:
+        The figure.
+    """
+    rows = table[table["status"] != "init"]
+    params = _ordered(rows["parametrization"], ("sp", "mup"))
+    sequences = _ordered(rows["sequence"], ("y", "x"))
+    modules = list(dict.fromkeys(rows["module"]))
+    palette = matplotlib.colormaps["tab10" if len(modules) <= 10 else "tab20"]
+    n_colours = 10 if len(modules) <= 10 else 20
+    styles = {m: {"color": palette(i % n_colours), "ls": ("-", "--", ":")[(i // n_colours) % 3]}
+              for i, m in enumerate(modules)}
+    with matplotlib.rc_context(_STYLE):
+        fig = Figure(figsize=(3.6 * len(params) + 1.8, 2.2 * len(sequences) + 0.8), layout="constrained")
+        axes = fig.subplots(len(sequences), len(params), sharex=True, sharey=True, squeeze=False)
+        for c, param in enumerate(params):
+            for r, seq in enumerate(sequences):
+                ax = axes[r, c]
+                selected = rows[(rows["parametrization"] == param) & (rows["sequence"] == seq)]
+                for module, curve in selected.groupby("module", sort=False):
+                    curve = curve.sort_values("step")
+                    ax.plot(curve["step"], curve["slope"], marker=".", ms=3, lw=1.0, **styles[module])
+                ax.axhline(fail_slope, color="firebrick", ls="--", lw=0.9)
+                ax.axhline(0.0, color="black", lw=0.6)
+                ax.set_xscale("log", base=2)
+                ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+                ax.set_title(f"{_PARAM_TITLES.get(param, param)}, {seq}")
+                if r == len(sequences) - 1:
+                    ax.set_xlabel("step")
+                if c == 0:
+                    ax.set_ylabel("width slope of log2(statistic)")
+        handles = [matplotlib.lines.Line2D([], [], marker=".", lw=1.0, **styles[m]) for m in modules]
+        handles.append(matplotlib.lines.Line2D([], [], color="firebrick", ls="--", lw=0.9))
+        fig.legend(handles, [*modules, f"fail above {fail_slope:g}"], loc="outside right center",
+                   ncols=1 if len(modules) <= 24 else 2, title="module")
         if title:
             fig.suptitle(title)
     return fig

@@ -208,20 +208,23 @@ def _train_and_record(
     loss_fn: Callable[[Tensor, Tensor], Tensor],
     steps: int,
     sequences: Sequence[str],
+    record_steps: frozenset[int],
 ) -> list[tuple[int, str, str, str, float]]:
-    """Rows ``(step, sequence, module, statistic, value)`` of one training run."""
+    """Rows ``(step, sequence, module, statistic, value)`` of one training run, recorded at
+    ``record_steps``."""
     model.train()
     if hasattr(optimizer, "train"):
         optimizer.train()
     rows = []
     for step in range(1, steps + 1):
         inputs, targets = batches[(step - 1) % len(batches)]
-        if "x" in sequences:
+        recording = step in record_steps
+        if recording and "x" in sequences:
             recorder.active = True
             forward_at_x(model, optimizer, inputs)
             recorder.active = False
             rows += [(step, "x", *record) for record in recorder.drain()]
-        recorder.active = "y" in sequences
+        recorder.active = recording and "y" in sequences
         output = model(inputs)
         recorder.active = False
         rows += [(step, "y", *record) for record in recorder.drain()]
@@ -247,6 +250,7 @@ def record_coords(
     device: str | torch.device = "cpu",
     parametrization: str = "mup",
     progress: bool = False,
+    record_steps: Sequence[int] | None = None,
 ) -> pd.DataFrame:
     """Train one model per (width, seed) for ``steps`` steps and record module output statistics.
 
@@ -273,6 +277,9 @@ def record_coords(
         device: where to train.
         parametrization: label stored in the ``parametrization`` column (e.g. ``"mup"``, ``"sp"``).
         progress: show a tqdm progress bar over (seed, width) runs (on a terminal).
+        record_steps: the steps to record (default: every step); the model still trains for
+            ``steps`` steps, so ``coord_checks.custom.log_spaced_steps(200)`` watches a long run
+            at 16 steps' cost of recording.
 
     Returns:
         A DataFrame with columns ``COLUMNS``: parametrization, width, seed, step, sequence, module,
@@ -280,7 +287,8 @@ def record_coords(
 
     Raises:
         ValueError: for empty or non-positive widths, fewer than two distinct widths, ``steps <
-            1``, no batches, or an unknown sequence or statistic.
+            1``, no batches, an unknown sequence or statistic, or ``record_steps`` outside
+            1 .. ``steps``.
         TypeError: if the x sequence is requested and the optimizer has no ``eval``/``train``.
     """
     widths = check_widths(widths)
@@ -294,6 +302,11 @@ def record_coords(
     if unknown or not sequences:
         raise ValueError(f"sequences must be a non-empty subset of {SEQUENCES}, got {list(sequences)}")
     stat_fns = resolve_statistics(statistics)
+    record_at = frozenset(range(1, steps + 1) if record_steps is None else record_steps)
+    if not record_at or any(isinstance(s, bool) or not isinstance(s, int) or not 1 <= s <= steps
+                            for s in record_at):
+        raise ValueError(f"record_steps must be a non-empty set of steps in 1..{steps}, "
+                         f"got {sorted(record_at, key=str)}")
     device = torch.device(device)
     device_batches = [_to_device(b, device) for b in batches]
 
@@ -314,7 +327,7 @@ def record_coords(
             recorder = _Recorder(select_modules(model, modules), stat_fns)
             try:
                 for step, sequence, module, stat, value in _train_and_record(
-                    model, optimizer, recorder, device_batches, loss_fn, steps, sequences
+                    model, optimizer, recorder, device_batches, loss_fn, steps, sequences, record_at
                 ):
                     rows.append((parametrization, width, seed, step, sequence, module, stat, value))
             finally:

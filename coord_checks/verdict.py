@@ -19,6 +19,16 @@ At the initialisation step (step 1) the readout and the attention logits are not
 muP they legitimately shrink with width at init (or are exactly zero when zero-initialised). They
 get status ``init`` and are reported apart.
 
+Over a long run (steps recorded log-spaced up to, say, 200; ``judge(..., over_time=True)``) each
+module is classified by how its width slope behaves across steps:
+
+    flat                no judged step fails;
+    grows-then-settles  some steps fail, and none from ``settle_step`` on, which lies in the first
+                        ``settle_fraction`` (default half) of the run: a finite-width transient;
+    keeps-growing       still failing in the last part of the run.
+
+Only keeps-growing fails the check over time.
+
 Everything here is a pure function of the frame produced by ``coord_checks.recording``.
 """
 from __future__ import annotations
@@ -34,6 +44,9 @@ import pandas as pd
 INIT_EXEMPT: tuple[str, ...] = ("readout", "attn_logits")
 GROUP_KEYS: tuple[str, ...] = ("parametrization", "sequence", "module", "step")
 _STATUS_RANK = {"fail": 3, "warn": 2, "pass": 1, "init": 0}
+#: Behaviours over time, in increasing order of concern.
+BEHAVIOURS: tuple[str, ...] = ("flat", "grows-then-settles", "keeps-growing")
+MODULE_KEYS: tuple[str, ...] = ("parametrization", "sequence", "module")
 
 
 @dataclass(frozen=True)
@@ -140,6 +153,54 @@ def classify(
     return "warn"
 
 
+def behaviour_over_time(table: pd.DataFrame, settle_fraction: float = 0.5) -> pd.DataFrame:
+    """Classify each module's width scaling across the recorded steps.
+
+    Args:
+        table: a judged table (``Verdict.table``: one row per parametrization, sequence, module and
+            step, with slope and status); ``init`` rows are ignored.
+        settle_fraction: a module settles if no step fails from ``settle_step`` on and
+            ``settle_step <= settle_fraction * last step``.
+
+    Returns:
+        One row per (parametrization, sequence, module): ``behaviour`` (``flat``,
+        ``grows-then-settles`` or ``keeps-growing``), ``settle_step`` (the first recorded step after
+        the last failing one; empty for flat and keeps-growing), ``peak_step`` and ``peak_slope``
+        (the largest width slope), ``final_slope``, ``final_status`` (the last step's status) and
+        ``status`` (``fail`` for keeps-growing, else ``final_status``).
+
+    Raises:
+        ValueError: if ``settle_fraction`` is not in (0, 1].
+    """
+    if not 0 < settle_fraction <= 1:
+        raise ValueError(f"settle_fraction must be in (0, 1], got {settle_fraction}")
+    judged = table[table["status"] != "init"]
+    records = []
+    for key, rows in judged.groupby(list(MODULE_KEYS), sort=False):
+        rows = rows.sort_values("step")
+        steps = rows["step"].to_numpy()
+        failing = (rows["status"] == "fail").to_numpy()
+        slopes = rows["slope"].to_numpy(dtype=float)
+        peak = int(np.argmax(np.where(np.isfinite(slopes), slopes, np.inf)))
+        settle_step = None
+        if not failing.any():
+            behaviour = "flat"
+        else:
+            after = steps[steps > steps[failing].max()]
+            settled = len(after) > 0 and after[0] <= settle_fraction * steps[-1]
+            behaviour = "grows-then-settles" if settled else "keeps-growing"
+            settle_step = int(after[0]) if settled else None
+        final_status = rows["status"].iloc[-1]
+        records.append((*key, behaviour, settle_step, int(steps[peak]), float(slopes[peak]),
+                        float(slopes[-1]), final_status,
+                        "fail" if behaviour == "keeps-growing" else final_status))
+    columns = [*MODULE_KEYS, "behaviour", "settle_step", "peak_step", "peak_slope", "final_slope",
+               "final_status", "status"]
+    result = pd.DataFrame(records, columns=columns)
+    result["settle_step"] = result["settle_step"].astype("Int64")
+    return result
+
+
 @dataclass(frozen=True)
 class Verdict:
     """The judged table of a coordinate check.
@@ -149,11 +210,26 @@ class Verdict:
             n_widths and status (``pass``/``warn``/``fail``, or ``init`` for exempt rows).
         statistic: the statistic judged.
         thresholds: the limits used.
+        over_time: judge each module by its behaviour over the steps (``behaviour_over_time``):
+            only keeps-growing fails; warnings are those of the last step.
+        settle_fraction: see ``behaviour_over_time``.
     """
 
     table: pd.DataFrame
     statistic: str
     thresholds: Thresholds
+    over_time: bool = False
+    settle_fraction: float = 0.5
+
+    def behaviour(self) -> pd.DataFrame:
+        """Each module's behaviour across steps (see ``behaviour_over_time``)."""
+        return behaviour_over_time(self.table, self.settle_fraction)
+
+    def _statuses(self, rows: pd.DataFrame) -> pd.Series:
+        """The statuses that decide the selected rows: per step, or per module over time."""
+        if self.over_time:
+            return behaviour_over_time(rows, self.settle_fraction)["status"]
+        return rows["status"]
 
     def _rows(self, parametrization: str | None, sequence: str | None) -> pd.DataFrame:
         rows = self.table
@@ -177,7 +253,7 @@ class Verdict:
         Returns:
             ``"fail"`` if any judged row fails, else ``"warn"`` if any warns, else ``"pass"``.
         """
-        ranks = [_STATUS_RANK[s] for s in self._rows(parametrization, sequence)["status"]]
+        ranks = [_STATUS_RANK[s] for s in self._statuses(self._rows(parametrization, sequence))]
         worst = max(ranks, default=_STATUS_RANK["pass"])
         return {3: "fail", 2: "warn"}.get(worst, "pass")
 
@@ -209,12 +285,22 @@ class Verdict:
         rows = self._rows(parametrization, sequence)
         if not self.passed(parametrization, sequence):
             return "FAIL"
-        warnings = int((rows["status"] == "warn").sum())
+        warnings = int((self._statuses(rows) == "warn").sum())
         return f"PASS ({warnings} warning{'s' * (warnings != 1)})" if warnings else "PASS"
 
     def summary(self) -> pd.DataFrame:
-        """Per (parametrization, sequence): verdict and counts of pass/warn/fail rows."""
+        """Per (parametrization, sequence): verdict and counts of pass/warn/fail rows (over time:
+        of flat, grows-then-settles and keeps-growing modules)."""
         records = []
+        if self.over_time:
+            behaviour = self.behaviour()
+            for (param, seq), rows in behaviour.groupby(["parametrization", "sequence"], sort=False):
+                counts = rows["behaviour"].value_counts()
+                records.append({"parametrization": param, "sequence": seq,
+                                "verdict": self.headline(param, seq),
+                                **{b: int(counts.get(b, 0)) for b in BEHAVIOURS},
+                                "max final |slope|": _max_abs(rows["final_slope"])})
+            return pd.DataFrame(records)
         for (param, seq), rows in self.table.groupby(["parametrization", "sequence"], sort=False):
             counts = rows["status"].value_counts()
             records.append(
@@ -268,9 +354,25 @@ class Verdict:
             "",
             _to_text(self.summary()),
             "",
-            f"Worst modules (up to {n_worst} per parametrization and sequence, at their worst step):",
-            _to_text(self.worst(n_worst)),
         ]
+        if self.over_time:
+            behaviour = self.behaviour()
+            steps = sorted(self.table["step"].unique())
+            shown = behaviour[behaviour["behaviour"] != "flat"].copy()
+            shown["_rank"] = shown["behaviour"].map(BEHAVIOURS.index)
+            shown = shown.sort_values(["_rank", "peak_slope"], ascending=False, kind="stable")
+            shown = shown.groupby(["parametrization", "sequence"], sort=False).head(n_worst)
+            lines += [
+                f"Over time ({len(steps)} recorded steps, {steps[0]} to {steps[-1]}): modules that grow "
+                f"with width at some step (up to {n_worst} per parametrization and sequence; "
+                f"{int((behaviour['behaviour'] == 'flat').sum())} flat not shown); only keeps-growing fails:",
+                _to_text(shown.drop(columns=["_rank", "status"])),
+            ]
+        else:
+            lines += [
+                f"Worst modules (up to {n_worst} per parametrization and sequence, at their worst step):",
+                _to_text(self.worst(n_worst)),
+            ]
         init = self.at_init()
         if not init.empty:
             lines += ["", "At initialisation (not judged; muP readout/attention logits shrink or are zero):",
@@ -287,6 +389,8 @@ def judge(
     thresholds: Thresholds = Thresholds(),
     init_exempt: Sequence[str] = INIT_EXEMPT,
     init_step: int = 1,
+    over_time: bool = False,
+    settle_fraction: float = 0.5,
 ) -> Verdict:
     """Judge a recording frame.
 
@@ -297,6 +401,10 @@ def judge(
         thresholds: pass/fail limits.
         init_exempt: substrings of module names not judged at ``init_step``.
         init_step: the step recorded at initialisation (1 in ``record_coords`` frames).
+        over_time: judge modules by their behaviour across steps, for a long run recorded at
+            log-spaced steps (see ``behaviour_over_time``): only a module that keeps growing with
+            width fails.
+        settle_fraction: see ``behaviour_over_time``.
 
     Returns:
         A ``Verdict``.
@@ -307,7 +415,10 @@ def judge(
         lambda name: any(pattern in name for pattern in init_exempt)
     )
     table["status"] = np.where(exempt, "init", status)
-    return Verdict(table=table, statistic=statistic, thresholds=thresholds)
+    verdict = Verdict(table=table, statistic=statistic, thresholds=thresholds, over_time=over_time,
+                      settle_fraction=settle_fraction)
+    verdict.behaviour()  # validates settle_fraction now, not at the first report
+    return verdict
 
 
 def _max_abs(values: pd.Series) -> float:

@@ -158,3 +158,13 @@ def test_recording_leaves_the_global_generator_as_found():
     state = torch.get_rng_state()
     mlp_recording(steps=2)
     assert torch.equal(state, torch.get_rng_state())
+
+
+def test_record_steps_records_only_those_steps_of_the_same_run():
+    every = mlp_recording(steps=6, widths=(16, 32))
+    some = mlp_recording(steps=6, widths=(16, 32), record_steps=[1, 4, 6])
+    assert sorted(some["step"].unique()) == [1, 4, 6]
+    pd.testing.assert_frame_equal(
+        every[every["step"].isin([1, 4, 6])].reset_index(drop=True), some, check_exact=True)
+    with pytest.raises(ValueError, match="record_steps"):
+        mlp_recording(steps=3, widths=(16, 32), record_steps=[0, 3])
