@@ -96,11 +96,17 @@ def _native():
 
 
 def _dispatch(native_name: str, eager: Callable[..., None], lists: Sequence[Tensors], scalars: dict[str, float],
-              foreach: bool, fused: bool, native_scalars: dict[str, float] | None = None) -> None:
+              foreach: bool, fused: bool, native_scalars: dict[str, float] | None = None,
+              masters: Tensors | None = None) -> None:
     """Run ``native.<native_name>`` on the supported tensors when ``fused``, and ``eager`` on the rest.
 
-    ``native_scalars`` (default: ``scalars``) are the keyword arguments of the native function.
+    ``native_scalars`` (default: ``scalars``) are the keyword arguments of the native function. With
+    ``masters``, ``lists[0]`` holds low-precision parameters whose float32 masters the math updates
+    (see :func:`with_masters`); the native function is then ``<native_name>lp_``.
     """
+    if masters is not None:
+        with_masters(native_name, eager, lists, masters, scalars, foreach, fused, native_scalars)
+        return
     lib = _native() if fused else None
     if lib is not None:
         fast, lists = lib.split_supported(lists)
@@ -108,6 +114,75 @@ def _dispatch(native_name: str, eager: Callable[..., None], lists: Sequence[Tens
             getattr(lib, native_name)(*fast, **(scalars if native_scalars is None else native_scalars))
     if lists[0]:
         _batched(eager, lists, foreach, **scalars)
+
+
+def adopt_written_(params: Tensors, masters: Tensors) -> None:
+    """Each master takes its parameter's value if the parameter no longer holds the master rounded to its dtype.
+
+    The comparison is by value (``torch.equal``), so every way of writing a parameter is seen:
+    ``load_state_dict``, clamping, weight tying, ``p.data`` writes.
+
+    Args:
+        params: low-precision parameters.
+        masters: their float32 masters; updated where their parameter was written.
+    """
+    for p, master in zip(params, masters):
+        if not torch.equal(p, master.to(p.dtype)):
+            master.copy_(p)
+
+
+def with_masters(native_name: str, eager: Callable[..., None], lists: Sequence[Tensors], masters: Tensors,
+                 scalars: dict[str, float], foreach: bool, fused: bool,
+                 native_scalars: dict[str, float] | None = None) -> None:
+    """Run a step or move on low-precision parameters (``lists[0]``) through their float32 masters.
+
+    Fused (native ``<native_name>lp_``, one pass, no temporaries) where the parameters, their
+    gradients and the float32 tensors are supported; elsewhere eagerly: written parameters are
+    adopted (:func:`adopt_written_`), ``eager`` runs on the masters with the gradients widened to
+    float32, and each parameter gets its master rounded to its dtype. Both give the same bits.
+
+    Args:
+        native_name: the float32 native function's name (``adam_sf_step_``, ``lerp_``...).
+        eager: the eager implementation, on float32 lists.
+        lists: [parameters, then the op's other lists]; for steps the second is the gradients.
+        masters: the parameters' float32 masters.
+        scalars: keyword arguments of ``eager``.
+        foreach: eager path with ``_foreach`` operations.
+        fused: take the native path where supported.
+        native_scalars: keyword arguments of the native function (default: ``scalars``).
+    """
+    lib = _native() if fused else None
+    params, rest = list(lists[0]), [list(column) for column in lists[1:]]
+    masters = list(masters)
+    if lib is not None:
+        # A step's lists are [params, grads, zs, *moments]; a move's are [params, ends].
+        grads_low = native_name != "lerp_"
+        keep = [i for i in range(len(params)) if lib.supports_low_precision(params[i]) and lib.supports(masters[i])
+                and (not grads_low or lib.supports_low_precision(rest[0][i]))
+                and all(lib.supports(column[i]) for column in rest[1 if grads_low else 0:])]
+        if keep:
+            pick = lambda column: [column[i] for i in keep]  # noqa: E731
+            fast = [pick(params), *(pick(c) for c in rest)]
+            fast.insert(2 if grads_low else 1, pick(masters))
+            kwargs = dict(scalars if native_scalars is None else native_scalars)
+            if native_name == "lerp_":
+                lib.lerp_lp_(*fast, **kwargs)
+            else:
+                closure = native_name.endswith("closure_step_")
+                getattr(lib, native_name.replace("closure_step_", "step_") + "lp_")(*fast, **kwargs,
+                                                                                    closure_form=closure)
+            chosen = set(keep)
+            params = [t for i, t in enumerate(params) if i not in chosen]
+            masters = [t for i, t in enumerate(masters) if i not in chosen]
+            rest = [[t for i, t in enumerate(column) if i not in chosen] for column in rest]
+    if not params:
+        return
+    adopt_written_(params, masters)
+    if native_name != "lerp_":
+        rest[0] = [g if g.dtype == m.dtype else g.to(m.dtype) for g, m in zip(rest[0], masters)]
+    _batched(eager, [masters, *rest], foreach, **scalars)
+    for p, master in zip(params, masters):
+        p.copy_(master)
 
 
 def _direction_adam(
@@ -181,6 +256,7 @@ def adam_step_(
     closure_form: bool = False,
     foreach: bool = False,
     fused: bool = False,
+    masters: Tensors | None = None,
 ) -> None:
     """One schedule-free Adam step (AdamW-SF, and RAdam-SF with ``adaptive`` from its rectification).
 
@@ -200,12 +276,14 @@ def adam_step_(
         closure_form: tensors in ``ys`` hold y on entry and must hold x on exit.
         foreach: use list-wide ``_foreach`` operations instead of a per-tensor loop.
         fused: use the native single-pass kernel for supported (CPU float32 contiguous) tensors.
+        masters: float32 master copies of ``ys``, which are then bfloat16/float16 parameters (with
+            gradients of their dtype): the math runs on the masters, and ``ys`` get them rounded.
     """
     scalars = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, ckp1=ckp1,
                    bias_correction2=bias_correction2, adaptive=adaptive, closure_form=closure_form)
     native_name = "adam_sf_closure_step_" if closure_form else "adam_sf_step_"
     _dispatch(native_name, _eager_adam, [ys, grads, zs, exp_avg_sqs], scalars, foreach, fused,
-              native_scalars={k: v for k, v in scalars.items() if k != "closure_form"})
+              native_scalars={k: v for k, v in scalars.items() if k != "closure_form"}, masters=masters)
 
 
 def sgd_step_(
@@ -220,6 +298,7 @@ def sgd_step_(
     closure_form: bool = False,
     foreach: bool = False,
     fused: bool = False,
+    masters: Tensors | None = None,
 ) -> None:
     """One schedule-free SGD step.
 
@@ -234,18 +313,21 @@ def sgd_step_(
         closure_form: tensors in ``ys`` hold y on entry and must hold x on exit.
         foreach: use list-wide ``_foreach`` operations instead of a per-tensor loop.
         fused: use the native single-pass kernel for supported (CPU float32 contiguous) tensors.
+        masters: float32 master copies of ``ys``, which are then bfloat16/float16 parameters (see
+            :func:`adam_step_`).
     """
     scalars = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, ckp1=ckp1, closure_form=closure_form)
     native_name = "sgd_sf_closure_step_" if closure_form else "sgd_sf_step_"
     _dispatch(native_name, _eager_sgd, [ys, grads, zs], scalars, foreach, fused,
-              native_scalars={k: v for k, v in scalars.items() if k != "closure_form"})
+              native_scalars={k: v for k, v in scalars.items() if k != "closure_form"}, masters=masters)
 
 
 def _eager_lerp(starts, ends, *, weight) -> None:
     torch._foreach_lerp_(starts, ends, weight)
 
 
-def lerp_(starts: Tensors, ends: Tensors, weight: float, *, foreach: bool = False, fused: bool = False) -> None:
+def lerp_(starts: Tensors, ends: Tensors, weight: float, *, foreach: bool = False, fused: bool = False,
+          masters: Tensors | None = None) -> None:
     """starts <- starts + weight * (ends - starts), in place (the train()/eval() switches).
 
     Args:
@@ -254,8 +336,10 @@ def lerp_(starts: Tensors, ends: Tensors, weight: float, *, foreach: bool = Fals
         weight: interpolation weight (may lie outside [0, 1]).
         foreach: use one ``_foreach_lerp_`` over the lists.
         fused: use the native kernel for supported tensors.
+        masters: float32 master copies of ``starts``, which are then bfloat16/float16 parameters:
+            the masters move, and ``starts`` get them rounded (see :func:`adam_step_`).
     """
-    _dispatch("lerp_", _eager_lerp, [starts, ends], dict(weight=weight), foreach, fused)
+    _dispatch("lerp_", _eager_lerp, [starts, ends], dict(weight=weight), foreach, fused, masters=masters)
 
 
 def _eager_wrapper_enter(params, zs, *, decay, y_scale, to_x) -> None:

@@ -26,8 +26,11 @@ Fallback: the compiler is ``$MUP_SCHEDULEFREE_CC`` or the first of cc, gcc, clan
 Flags the compiler rejects are dropped (``-march=native``, else ``-fopenmp``, else both). If no build
 works and nothing usable is cached, or a library lacks one of the functions, ``available()`` is
 False, one ``RuntimeWarning`` per process says so, and callers use the eager
-path. Only contiguous CPU float32 tensors are handled (see ``supports``); the kernels check their
-inputs and raise rather than touch memory a tensor does not own.
+path. Contiguous CPU float32 tensors are handled (see ``supports``), and bfloat16/float16
+parameters with float32 masters (``*_lp_``, see ``supports_low_precision``); the kernels check their
+inputs and raise rather than touch memory a tensor does not own. Each op is declared once in
+``OPS`` (its tensor lists and named scalars), from which the ctypes signatures and the calls are
+built: scalars are passed by name, so a missing or misnamed one raises.
 
 Every function follows torch's rounding operation by operation (see the C file), so results match
 an eager torch implementation of the same formulas to float32 rounding (bit for bit where the CPU has
@@ -51,7 +54,7 @@ import tempfile
 import threading
 import warnings
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import torch
 from torch.autograd.graph import increment_version
@@ -74,19 +77,77 @@ _CPU_KEYS = ("vendor_id", "cpu family", "model", "model name", "flags", "CPU imp
              "CPU variant", "CPU part", "Features")
 _PLAIN_TYPES = (torch.Tensor, torch.nn.Parameter)
 
-_P = ctypes.c_void_p
-_D = ctypes.c_double
-_I = ctypes.c_int
-_N = (_P, ctypes.c_int64)  # element counts, number of tensors
-_SIGNATURES = {
-    "sf_adam_step_f32": (_P, _P, _P, _P) + _N + (_D,) * 7 + (_I, _I),
-    "sf_adam_closure_step_f32": (_P, _P, _P, _P) + _N + (_D,) * 7 + (_I, _I),
-    "sf_sgd_step_f32": (_P, _P, _P) + _N + (_D,) * 4 + (_I,),
-    "sf_sgd_closure_step_f32": (_P, _P, _P) + _N + (_D,) * 4 + (_I,),
-    "sf_lerp_f32": (_P, _P) + _N + (_D, _I),
-    "sf_wrapper_enter_f32": (_P, _P) + _N + (_D,) * 3 + (_I,),
-    "sf_wrapper_exit_f32": (_P, _P) + _N + (_D,) * 2 + (_I,),
+
+
+class TensorArg(NamedTuple):
+    """One tensor list of a fused op: its name, whether the kernel writes it, and its element type.
+
+    ``kind`` is "float32", or "low" for the bfloat16/float16 parameter lists (and their gradients),
+    which must all share the first low list's dtype.
+    """
+
+    name: str
+    written: bool
+    kind: str = "float32"
+
+
+class Op(NamedTuple):
+    """One fused op of the C library, declared once: from it come the ctypes signature and the call.
+
+    The C function takes, in order, one array of data pointers per tensor list, the element counts,
+    the number of tensors, the scalars in the order given, then (for ops on low-precision
+    parameters) the dtype code, and the thread count.
+    """
+
+    symbol: str
+    tensors: tuple[TensorArg, ...]
+    scalars: tuple[tuple[str, type], ...]
+
+    @property
+    def low_precision(self) -> bool:
+        """Whether the op takes bfloat16/float16 parameters (and then a dtype code)."""
+        return any(t.kind == "low" for t in self.tensors)
+
+    def argtypes(self) -> tuple[type, ...]:
+        """The ctypes argument types of the C function."""
+        codes = (ctypes.c_int,) if self.low_precision else ()
+        return ((ctypes.c_void_p,) * len(self.tensors) + (ctypes.c_void_p, ctypes.c_int64)
+                + tuple(kind for _, kind in self.scalars) + codes + (ctypes.c_int,))
+
+
+_R, _W = False, True
+_ADAM_SCALARS = tuple((name, ctypes.c_double) for name in (
+    "lr", "beta1", "beta2", "eps", "weight_decay", "ckp1", "bias_correction2")) + (("adaptive", ctypes.c_int),)
+_SGD_SCALARS = tuple((name, ctypes.c_double) for name in ("lr", "momentum", "weight_decay", "ckp1"))
+_LOW = (TensorArg("params", _W, "low"), TensorArg("grads", _R, "low"), TensorArg("masters", _W))
+OPS: dict[str, Op] = {
+    "adam_sf_step_": Op("sf_adam_step_f32", (TensorArg("ys", _W), TensorArg("grads", _R), TensorArg("zs", _W),
+                                             TensorArg("exp_avg_sqs", _W)), _ADAM_SCALARS),
+    "adam_sf_closure_step_": Op("sf_adam_closure_step_f32", (TensorArg("xs", _W), TensorArg("grads", _R),
+                                                             TensorArg("zs", _W), TensorArg("exp_avg_sqs", _W)),
+                                _ADAM_SCALARS),
+    "sgd_sf_step_": Op("sf_sgd_step_f32", (TensorArg("ys", _W), TensorArg("grads", _R), TensorArg("zs", _W)),
+                       _SGD_SCALARS),
+    "sgd_sf_closure_step_": Op("sf_sgd_closure_step_f32", (TensorArg("xs", _W), TensorArg("grads", _R),
+                                                           TensorArg("zs", _W)), _SGD_SCALARS),
+    "lerp_": Op("sf_lerp_f32", (TensorArg("starts", _W), TensorArg("ends", _R)), (("weight", ctypes.c_double),)),
+    "wrapper_enter_": Op("sf_wrapper_enter_f32", (TensorArg("params", _W), TensorArg("zs", _W)),
+                         tuple((name, ctypes.c_double) for name in ("decay", "y_scale", "to_x"))),
+    "wrapper_exit_": Op("sf_wrapper_exit_f32", (TensorArg("params", _W), TensorArg("zs", _W)),
+                        tuple((name, ctypes.c_double) for name in ("ckp1", "to_y"))),
+    "adam_sf_step_lp_": Op("sf_adam_step_lp", _LOW + (TensorArg("zs", _W), TensorArg("exp_avg_sqs", _W)),
+                           _ADAM_SCALARS),
+    "adam_sf_closure_step_lp_": Op("sf_adam_closure_step_lp", _LOW + (TensorArg("zs", _W),
+                                                                      TensorArg("exp_avg_sqs", _W)), _ADAM_SCALARS),
+    "sgd_sf_step_lp_": Op("sf_sgd_step_lp", _LOW + (TensorArg("zs", _W),), _SGD_SCALARS),
+    "sgd_sf_closure_step_lp_": Op("sf_sgd_closure_step_lp", _LOW + (TensorArg("zs", _W),), _SGD_SCALARS),
+    "lerp_lp_": Op("sf_lerp_lp", (TensorArg("params", _W, "low"), TensorArg("masters", _W), TensorArg("ends", _R)),
+                   (("weight", ctypes.c_double),)),
 }
+"""Every fused op, by the name of its Python function in this module."""
+
+LOW_PRECISION_CODES = {torch.bfloat16: 1, torch.float16: 2}
+"""The C library's code for each low-precision parameter dtype."""
 
 _log = logging.getLogger(__name__)
 _lock = threading.Lock()
@@ -178,7 +239,8 @@ if status != 0 or list(a) != [1.0] * 4:
 def _check_in_child(path: Path) -> str | None:
     """Load ``path`` in a child Python; returns None if every symbol resolves and a kernel runs, else why not."""
     try:
-        result = subprocess.run([sys.executable, "-I", "-S", "-c", _CHILD_CHECK, str(path), *_SIGNATURES],
+        result = subprocess.run([sys.executable, "-I", "-S", "-c", _CHILD_CHECK, str(path),
+                                 *(op.symbol for op in OPS.values())],
                                 capture_output=True, text=True, timeout=_CHECK_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         return f"loading {path.name} in a child process took over {_CHECK_TIMEOUT_S} s"
@@ -224,12 +286,12 @@ def _write_manifest(library: Path, manifest: dict) -> None:
 def _load(path: Path) -> ctypes.CDLL:
     """Open the library and declare every function's signature; OSError if one is missing."""
     lib = ctypes.CDLL(str(path))
-    for name, argtypes in _SIGNATURES.items():
+    for op in OPS.values():
         try:
-            fn = getattr(lib, name)
+            fn = getattr(lib, op.symbol)
         except AttributeError:
-            raise OSError(f"{path.name} lacks the function {name}") from None
-        fn.argtypes = argtypes
+            raise OSError(f"{path.name} lacks the function {op.symbol}") from None
+        fn.argtypes = op.argtypes()
         fn.restype = ctypes.c_int
     return lib
 
@@ -333,8 +395,14 @@ def available() -> bool:
     return _library() is not None
 
 
+def _plain(t: torch.Tensor) -> bool:
+    """A plain, contiguous, strided CPU tensor without a pending negation."""
+    return (type(t) in _PLAIN_TYPES and t.is_cpu and t.layout is torch.strided and t.is_contiguous()
+            and not t.is_neg())
+
+
 def supports(t: torch.Tensor) -> bool:
-    """Whether the native kernels can update ``t`` in place.
+    """Whether the float32 kernels can update ``t`` in place.
 
     Args:
         t: a plain tensor or Parameter (pass ``.to_local()`` of a DTensor).
@@ -342,8 +410,19 @@ def supports(t: torch.Tensor) -> bool:
     Returns:
         True for contiguous, strided, float32 CPU tensors without a pending negation.
     """
-    return (type(t) in _PLAIN_TYPES and t.dtype is torch.float32 and t.is_cpu and t.layout is torch.strided
-            and t.is_contiguous() and not t.is_neg())
+    return t.dtype is torch.float32 and _plain(t)
+
+
+def supports_low_precision(t: torch.Tensor) -> bool:
+    """Whether the ``*_lp_`` kernels can take ``t`` as a parameter (with a float32 master) or its gradient.
+
+    Args:
+        t: a plain tensor or Parameter.
+
+    Returns:
+        True for contiguous, strided, bfloat16 or float16 CPU tensors without a pending negation.
+    """
+    return t.dtype in LOW_PRECISION_CODES and _plain(t)
 
 
 class _Checked(list):
@@ -354,7 +433,7 @@ def split_supported(lists: Sequence[Tensors]) -> tuple[list[list[torch.Tensor]],
     """Split parallel lists into (supported, rest) by whether every tensor of an index is supported.
 
     Args:
-        lists: parallel lists of tensors, as passed to one of the step functions.
+        lists: parallel lists of tensors, as passed to one of the float32 step functions.
 
     Returns:
         Two lists of parallel lists: the indices the native functions can take (marked as checked, so
@@ -369,43 +448,96 @@ def split_supported(lists: Sequence[Tensors]) -> tuple[list[list[torch.Tensor]],
     return fast, rest
 
 
-def _pointers(names: tuple[str, ...], lists: tuple[Tensors, ...]) -> tuple[list[array.array], array.array]:
-    """Data-pointer arrays of each list and the element counts, after checking every tensor."""
+def _check_lists(op: Op, lists: Sequence[Tensors]) -> torch.dtype | None:
+    """Raise unless ``lists`` fit ``op`` (counts, kinds, sizes); returns the low-precision dtype, if any."""
+    names = [t.name for t in op.tensors]
+    if len(lists) != len(op.tensors):
+        raise TypeError(f"{op.symbol} takes the lists {names}, got {len(lists)} lists")
     count = len(lists[0])
-    for name, ts in zip(names, lists):
+    low = None
+    for arg, ts in zip(op.tensors, lists):
         if len(ts) != count:
-            raise ValueError(f"{name} has {len(ts)} tensors, expected {count} like {names[0]}")
-        for i, t in enumerate(() if isinstance(ts, _Checked) else ts):
-            if not supports(t):
-                raise TypeError(f"{name}[{i}] is not a contiguous CPU float32 tensor "
-                                f"(got {type(t).__name__}, {t.dtype}, {t.device}); check supports() first")
-    numels = array.array("q", [t.numel() for t in lists[0]])
-    for name, ts in zip(names[1:], lists[1:]):
-        if array.array("q", [t.numel() for t in ts]) != numels:
-            raise ValueError(f"{name} and {names[0]} differ in tensor sizes")
-    return [array.array("Q", [t.data_ptr() for t in ts]) for ts in lists], numels
+            raise ValueError(f"{arg.name} has {len(ts)} tensors, expected {count} like {names[0]}")
+        if arg.kind == "low":
+            for i, t in enumerate(ts):
+                if not supports_low_precision(t):
+                    raise TypeError(f"{arg.name}[{i}] is not a contiguous CPU bfloat16/float16 tensor "
+                                    f"(got {type(t).__name__}, {t.dtype}, {t.device}); check supports_low_precision() first")
+                if low is None:
+                    low = t.dtype
+                elif t.dtype is not low:
+                    raise TypeError(f"{arg.name}[{i}] is {t.dtype}, expected {low} like {names[0]}[0]")
+        elif not isinstance(ts, _Checked):
+            for i, t in enumerate(ts):
+                if not supports(t):
+                    raise TypeError(f"{arg.name}[{i}] is not a contiguous CPU float32 tensor "
+                                    f"(got {type(t).__name__}, {t.dtype}, {t.device}); check supports() first")
+    numels = [t.numel() for t in lists[0]]
+    for arg, ts in zip(op.tensors[1:], lists[1:]):
+        if [t.numel() for t in ts] != numels:
+            raise ValueError(f"{arg.name} and {names[0]} differ in tensor sizes")
+    return low
 
 
-def _call(fn_name: str, names: tuple[str, ...], lists: tuple[Tensors, ...], *scalars: float | int,
-          read_only: tuple[int, ...] = (1,)) -> None:
-    """Check the lists, run one native function over all of them, and bump the written tensors' versions.
+class Prepared:
+    """One fused op bound to its tensor lists: checked once, its pointer arrays built once.
 
-    ``read_only`` names the lists the kernel only reads (gradients, lerp ends); the others are written,
-    which autograd is told as torch's own in-place operations would tell it.
+    Calling it runs the op over all the tensors with the given scalars, which must be exactly the op's
+    named scalars (a missing, extra or misspelt name raises TypeError; nothing is positional). The
+    binding stays valid while every tensor keeps its storage; whoever holds it decides when to
+    prepare again (the optimizers do when a parameter's storage, dtype or gradient changes).
+
+    Args:
+        name: the op's name in :data:`OPS`.
+        lists: parallel lists of tensors, in the order of the op's ``tensors``.
     """
-    lib = _library()
-    if lib is None:
-        raise RuntimeError("native kernels are not available; check available() first")
-    pointers, numels = _pointers(names, lists)
-    if not numels:
-        return
-    status = getattr(lib, fn_name)(*(p.buffer_info()[0] for p in pointers), numels.buffer_info()[0], len(numels),
-                                   *scalars, torch.get_num_threads())
-    if status != 0:
-        raise MemoryError(f"{fn_name} could not allocate its work plan for {len(numels)} tensors")
-    for i, ts in enumerate(lists):
-        if i not in read_only:
+
+    __slots__ = ("op", "_fn", "_pointers", "_numels", "_count", "_code", "_written", "_scalar_names")
+
+    def __init__(self, name: str, lists: Sequence[Tensors]) -> None:
+        lib = _library()
+        if lib is None:
+            raise RuntimeError("native kernels are not available; check available() first")
+        self.op = op = OPS[name]
+        low = _check_lists(op, lists)
+        self._fn = getattr(lib, op.symbol)
+        self._count = len(lists[0])
+        self._numels = array.array("q", [t.numel() for t in lists[0]])
+        self._pointers = [array.array("Q", [t.data_ptr() for t in ts]) for ts in lists]
+        self._code = () if low is None else (LOW_PRECISION_CODES[low],)
+        self._written = [list(ts) for arg, ts in zip(op.tensors, lists) if arg.written]
+        self._scalar_names = tuple(name for name, _ in op.scalars)
+
+    def __call__(self, **scalars: float) -> None:
+        """Run the op once; bump the versions of the tensors it writes, as torch's in-place ops do.
+
+        Args:
+            **scalars: the op's named scalars.
+        """
+        if scalars.keys() != set(self._scalar_names):
+            missing = [n for n in self._scalar_names if n not in scalars]
+            extra = [n for n in scalars if n not in self._scalar_names]
+            raise TypeError(f"{self.op.symbol} takes the scalars {list(self._scalar_names)}; "
+                            f"missing {missing}, unexpected {extra}")
+        if not self._count:
+            return
+        status = self._fn(*(p.buffer_info()[0] for p in self._pointers), self._numels.buffer_info()[0], self._count,
+                          *(scalars[n] for n in self._scalar_names), *self._code, torch.get_num_threads())
+        if status != 0:
+            raise MemoryError(f"{self.op.symbol} could not allocate its work plan for {self._count} tensors")
+        for ts in self._written:
             increment_version(ts)
+
+
+def run(name: str, lists: Sequence[Tensors], **scalars: float) -> None:
+    """Check the lists, run the fused op ``name`` of :data:`OPS` over all of them once.
+
+    Args:
+        name: the op's name.
+        lists: parallel lists of tensors, in the order of the op's ``tensors``.
+        **scalars: the op's named scalars.
+    """
+    Prepared(name, lists)(**scalars)
 
 
 def adam_sf_step_(
@@ -442,8 +574,8 @@ def adam_sf_step_(
         bias_correction2: 1 - beta2^(k+1).
         adaptive: divide by the second-moment root (False in RAdam-SF's first steps).
     """
-    _call("sf_adam_step_f32", ("ys", "grads", "zs", "exp_avg_sqs"), (ys, grads, zs, exp_avg_sqs),
-          lr, beta1, beta2, eps, weight_decay, ckp1, bias_correction2, int(bool(adaptive)))
+    run("adam_sf_step_", (ys, grads, zs, exp_avg_sqs), lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+        weight_decay=weight_decay, ckp1=ckp1, bias_correction2=bias_correction2, adaptive=int(bool(adaptive)))
 
 
 def adam_sf_closure_step_(
@@ -479,8 +611,8 @@ def adam_sf_closure_step_(
         bias_correction2: 1 - beta2^(k+1).
         adaptive: divide by the second-moment root.
     """
-    _call("sf_adam_closure_step_f32", ("xs", "grads", "zs", "exp_avg_sqs"), (xs, grads, zs, exp_avg_sqs),
-          lr, beta1, beta2, eps, weight_decay, ckp1, bias_correction2, int(bool(adaptive)))
+    run("adam_sf_closure_step_", (xs, grads, zs, exp_avg_sqs), lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+        weight_decay=weight_decay, ckp1=ckp1, bias_correction2=bias_correction2, adaptive=int(bool(adaptive)))
 
 
 def sgd_sf_step_(
@@ -499,7 +631,7 @@ def sgd_sf_step_(
         weight_decay: decay coefficient, applied at y.
         ckp1: averaging weight of the new z into x.
     """
-    _call("sf_sgd_step_f32", ("ys", "grads", "zs"), (ys, grads, zs), lr, momentum, weight_decay, ckp1)
+    run("sgd_sf_step_", (ys, grads, zs), lr=lr, momentum=momentum, weight_decay=weight_decay, ckp1=ckp1)
 
 
 def sgd_sf_closure_step_(
@@ -518,7 +650,7 @@ def sgd_sf_closure_step_(
         weight_decay: decay coefficient, applied at y.
         ckp1: averaging weight of the new z into x.
     """
-    _call("sf_sgd_closure_step_f32", ("xs", "grads", "zs"), (xs, grads, zs), lr, momentum, weight_decay, ckp1)
+    run("sgd_sf_closure_step_", (xs, grads, zs), lr=lr, momentum=momentum, weight_decay=weight_decay, ckp1=ckp1)
 
 
 def lerp_(starts: Tensors, ends: Tensors, weight: float) -> None:
@@ -529,7 +661,7 @@ def lerp_(starts: Tensors, ends: Tensors, weight: float) -> None:
         ends: targets; read only.
         weight: interpolation weight (may lie outside [0, 1]).
     """
-    _call("sf_lerp_f32", ("starts", "ends"), (starts, ends), weight)
+    run("lerp_", (starts, ends), weight=weight)
 
 
 def wrapper_enter_(params: Tensors, zs: Tensors, *, decay: float, y_scale: float, to_x: float) -> None:
@@ -544,7 +676,7 @@ def wrapper_enter_(params: Tensors, zs: Tensors, *, decay: float, y_scale: float
         y_scale: factor applied to y with the decay, 1 - decay (1 - momentum).
         to_x: weight 1 - 1/momentum that moves y to x.
     """
-    _call("sf_wrapper_enter_f32", ("params", "zs"), (params, zs), decay, y_scale, to_x, read_only=())
+    run("wrapper_enter_", (params, zs), decay=decay, y_scale=y_scale, to_x=to_x)
 
 
 def wrapper_exit_(params: Tensors, zs: Tensors, *, ckp1: float, to_y: float) -> None:
@@ -558,4 +690,71 @@ def wrapper_exit_(params: Tensors, zs: Tensors, *, ckp1: float, to_y: float) -> 
         ckp1: averaging weight of the new z into x.
         to_y: weight 1 - momentum that moves x to y.
     """
-    _call("sf_wrapper_exit_f32", ("params", "zs"), (params, zs), ckp1, to_y, read_only=())
+    run("wrapper_exit_", (params, zs), ckp1=ckp1, to_y=to_y)
+
+
+def adam_sf_step_lp_(params: Tensors, grads: Tensors, masters: Tensors, zs: Tensors, exp_avg_sqs: Tensors, *,
+                     lr: float, beta1: float, beta2: float, eps: float, weight_decay: float, ckp1: float,
+                     bias_correction2: float, adaptive: bool = True, closure_form: bool = False) -> None:
+    """``adam_sf_step_`` (or its closure form) for bfloat16/float16 parameters with float32 masters, in one pass.
+
+    Each master first takes its parameter's value if the parameter no longer equals the master
+    rounded to its dtype (someone wrote it); then y (closure form: y on entry, x on exit) is the
+    master, updated with z and the second moment in float32 from the widened gradient, and the
+    parameter gets the new master rounded to nearest, ties to even, as ``.to(dtype)`` rounds.
+
+    Args:
+        params: bfloat16 or float16 parameters; hold the rounded new master on return.
+        grads: their gradients, of the same dtype; read only.
+        masters: float32 master copies of the parameters; updated.
+        zs: float32 base iterates; updated.
+        exp_avg_sqs: float32 second moments; updated.
+        lr: learning rate of this step.
+        beta1: interpolation between z and x that defines y.
+        beta2: second-moment decay.
+        eps: added to the root of the bias-corrected second moment.
+        weight_decay: decay coefficient, applied at y.
+        ckp1: averaging weight of the new z into x.
+        bias_correction2: 1 - beta2^(k+1).
+        adaptive: divide by the second-moment root.
+        closure_form: the masters hold y on entry and x on exit.
+    """
+    run("adam_sf_closure_step_lp_" if closure_form else "adam_sf_step_lp_", (params, grads, masters, zs, exp_avg_sqs),
+        lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, ckp1=ckp1,
+        bias_correction2=bias_correction2, adaptive=int(bool(adaptive)))
+
+
+def sgd_sf_step_lp_(params: Tensors, grads: Tensors, masters: Tensors, zs: Tensors, *, lr: float, momentum: float,
+                    weight_decay: float, ckp1: float, closure_form: bool = False) -> None:
+    """``sgd_sf_step_`` (or its closure form) for bfloat16/float16 parameters with float32 masters, in one pass.
+
+    Masters and parameters are handled as in :func:`adam_sf_step_lp_`.
+
+    Args:
+        params: bfloat16 or float16 parameters; hold the rounded new master on return.
+        grads: their gradients, of the same dtype; read only.
+        masters: float32 master copies of the parameters; updated.
+        zs: float32 base iterates; updated.
+        lr: learning rate of this step.
+        momentum: interpolation between z and x that defines y.
+        weight_decay: decay coefficient, applied at y.
+        ckp1: averaging weight of the new z into x.
+        closure_form: the masters hold y on entry and x on exit.
+    """
+    run("sgd_sf_closure_step_lp_" if closure_form else "sgd_sf_step_lp_", (params, grads, masters, zs),
+        lr=lr, momentum=momentum, weight_decay=weight_decay, ckp1=ckp1)
+
+
+def lerp_lp_(params: Tensors, masters: Tensors, ends: Tensors, weight: float) -> None:
+    """masters = lerp(masters, ends, weight) and params = the rounded masters, for bfloat16/float16 parameters.
+
+    A master whose parameter was written since (it no longer equals the rounded master) takes the
+    parameter's value first, as in :func:`adam_sf_step_lp_`.
+
+    Args:
+        params: bfloat16 or float16 parameters; hold the rounded new master on return.
+        masters: their float32 masters; moved in place.
+        ends: float32 targets; read only.
+        weight: interpolation weight (may lie outside [0, 1]).
+    """
+    run("lerp_lp_", (params, masters, ends), weight=weight)

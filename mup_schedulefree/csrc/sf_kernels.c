@@ -23,10 +23,14 @@
  * formulas bit for bit. The Adam direction differs only by torch's CPU sqrt, which is not always
  * correctly rounded (1 ulp on some builds); sqrtf here is.
  * Every function returns 0, or -1 if it could not allocate its work plan (nothing was modified).
+ *
+ * The *_lp functions take bfloat16 or float16 parameters (and gradients of the same dtype) with
+ * float32 master copies: see the section "Low-precision parameters" at the end.
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #define SF_CHUNK 32768        /* elements per work item: large enough to amortise scheduling */
 #define SF_PARALLEL_MIN 65536 /* below this many elements in total, threads cost more than they save */
@@ -336,4 +340,254 @@ int sf_wrapper_exit_f32(float *const *p, float *const *z, const int64_t *n, int6
     const sf_lerp_t l = sf_lerp_make(to_y);
     SF_FOR_CHUNKS(n, count, num_threads, sf_exit_chunk(p[t] + lo, z[t] + lo, m, to_z, l));
     return 0;
+}
+
+
+/*
+ * Low-precision parameters with float32 master weights.
+ *
+ * The parameter p (bfloat16 or float16) holds its master m (float32) rounded to nearest, ties to
+ * even, as torch's .to(dtype) rounds. The gradient has p's dtype and is widened exactly. Before a
+ * tensor is updated, p is compared with its rounded master, by value as torch.equal compares: if
+ * any element differs (someone wrote p since the optimizer did), the whole master takes p's value,
+ * as the eager path's check does. Then the step runs on m, z and the moments in float32, exactly
+ * as the float32 kernels above do, and writes m and the rounded p in the same pass. Nothing is
+ * allocated but the work plan.
+ *
+ * Tensors are taken in batches of consecutive tensors of about SF_LP_BATCH elements (a tensor
+ * larger than that is a batch alone): each batch is compared, then updated, so the second read of
+ * p and m mostly hits the cache.
+ */
+#define SF_LP_BATCH 131072
+enum { SF_BF16 = 1, SF_F16 = 2 };
+
+static inline float sf_bits_f32(uint32_t u)
+{
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint32_t sf_f32_bits(float f)
+{
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return u;
+}
+
+static inline float sf_bf16_load(uint16_t h) { return sf_bits_f32((uint32_t)h << 16); }
+
+/* c10::BFloat16's round_to_nearest_even: NaN becomes the quiet NaN 0x7FC0. */
+static inline uint16_t sf_bf16_store(float f)
+{
+    const uint32_t u = sf_f32_bits(f);
+    if (f != f)
+        return 0x7FC0;
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* IEEE half to float, exactly (the FP16 library's fp16_ieee_to_fp32_value, which torch uses). */
+static inline float sf_f16_load(uint16_t h)
+{
+    const uint32_t w = (uint32_t)h << 16;
+    const uint32_t sign = w & 0x80000000u;
+    const uint32_t two_w = w + w;
+    const float normalized = sf_bits_f32((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+    const float denormalized = sf_bits_f32((two_w >> 17) | (126u << 23)) - 0.5f;
+    return sf_bits_f32(sign | (two_w < (1u << 27) ? sf_f32_bits(denormalized) : sf_f32_bits(normalized)));
+}
+
+/* Float to IEEE half, round to nearest even (fp16_ieee_from_fp32_value); NaN becomes 0x7E00 with its sign. */
+static inline uint16_t sf_f16_store(float f)
+{
+    float base = (fabsf(f) * 0x1.0p+112f) * 0x1.0p-110f;
+    const uint32_t w = sf_f32_bits(f);
+    const uint32_t shl1_w = w + w;
+    const uint32_t sign = w & 0x80000000u;
+    uint32_t bias = shl1_w & 0xFF000000u;
+    if (bias < 0x71000000u)
+        bias = 0x71000000u;
+    base = sf_bits_f32((bias >> 1) + 0x07800000u) + base;
+    const uint32_t bits = sf_f32_bits(base);
+    const uint32_t nonsign = ((bits >> 13) & 0x00007C00u) + (bits & 0x00000FFFu);
+    return (uint16_t)((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : nonsign));
+}
+
+#define SF_LOAD(kind, h) ((kind) == SF_BF16 ? sf_bf16_load(h) : sf_f16_load(h))
+#define SF_STORE(kind, f) ((kind) == SF_BF16 ? sf_bf16_store(f) : sf_f16_store(f))
+
+/* Whether some element of p differs (by value) from its master rounded to p's dtype. */
+static inline __attribute__((always_inline)) int sf_lp_written(int kind, const uint16_t *restrict p,
+                                                               const float *restrict m, int64_t len)
+{
+    int differ = 0;
+    for (int64_t i = 0; i < len; ++i)
+        differ |= SF_LOAD(kind, p[i]) != SF_LOAD(kind, SF_STORE(kind, m[i]));
+    return differ;
+}
+
+static void sf_lp_written_chunk(int kind, const uint16_t *p, const float *m, int64_t len, int *flag)
+{
+    int differ = kind == SF_BF16 ? sf_lp_written(SF_BF16, p, m, len) : sf_lp_written(SF_F16, p, m, len);
+    if (differ)
+        __atomic_store_n(flag, 1, __ATOMIC_RELAXED);
+}
+
+/* m <- p (widened), for a tensor that was written. */
+static void sf_lp_adopt(int kind, const uint16_t *restrict p, float *restrict m, int64_t len)
+{
+    if (kind == SF_BF16)
+        for (int64_t i = 0; i < len; ++i)
+            m[i] = sf_bf16_load(p[i]);
+    else
+        for (int64_t i = 0; i < len; ++i)
+            m[i] = sf_f16_load(p[i]);
+}
+
+/* The step's operation on one chunk: which op, its scalars, and the moment array when it has one. */
+enum { SF_OP_ADAM = 0, SF_OP_SGD = 1, SF_OP_LERP = 2 };
+
+static inline __attribute__((always_inline)) void sf_lp_update(int kind, int op, int closure, uint16_t *restrict p,
+                                                               const uint16_t *restrict g, float *restrict m,
+                                                               float *restrict z,
+                                                               float *restrict v, int64_t len,
+                                                               const sf_scalars_t sc, sf_lerp_t l)
+{
+    const sf_scalars_t *s = &sc; /* a local copy: no store through m, z or v can change it */
+    for (int64_t i = 0; i < len; ++i) {
+        float mi;
+        if (op == SF_OP_LERP) {
+            mi = sf_lerp(m[i], z[i], l);
+        } else {
+            const float gi = SF_LOAD(kind, g[i]);
+            const float yi = m[i];
+            const float u = op == SF_OP_ADAM ? sf_adam_direction(gi, yi, &v[i], s) : sf_sgd_direction(gi, yi, s);
+            const float zi = z[i];
+            if (closure) {
+                const float z_new = SF_FMA(u, s->neg_lr, zi);
+                mi = sf_lerp(sf_lerp(yi, zi, s->to_x), z_new, s->to_z);
+                z[i] = z_new;
+            } else {
+                mi = SF_FMA(u, s->y_coef, sf_lerp(yi, zi, s->to_z));
+                z[i] = SF_FMA(u, s->neg_lr, zi);
+            }
+        }
+        m[i] = mi;
+        p[i] = SF_STORE(kind, mi);
+    }
+}
+
+/* Dispatch to a body specialised for the kind, op and form, so every inner loop is branch-free. */
+static void sf_lp_chunk(int kind, int op, int closure, uint16_t *p, const uint16_t *g, float *m, float *z, float *v,
+                        int64_t len, const sf_scalars_t *s, sf_lerp_t l)
+{
+#define SF_LP_CASE(K, O, C) \
+    if (kind == (K) && op == (O) && closure == (C)) { sf_lp_update((K), (O), (C), p, g, m, z, v, len, *s, l); return; }
+    SF_LP_CASE(SF_BF16, SF_OP_ADAM, 0) SF_LP_CASE(SF_BF16, SF_OP_ADAM, 1)
+    SF_LP_CASE(SF_BF16, SF_OP_SGD, 0) SF_LP_CASE(SF_BF16, SF_OP_SGD, 1) SF_LP_CASE(SF_BF16, SF_OP_LERP, 0)
+    SF_LP_CASE(SF_F16, SF_OP_ADAM, 0) SF_LP_CASE(SF_F16, SF_OP_ADAM, 1)
+    SF_LP_CASE(SF_F16, SF_OP_SGD, 0) SF_LP_CASE(SF_F16, SF_OP_SGD, 1) SF_LP_CASE(SF_F16, SF_OP_LERP, 0)
+#undef SF_LP_CASE
+}
+
+/* Compare, adopt written tensors, and update, batch by batch (see above). Returns 0, -1 on allocation
+ * failure (nothing modified), -2 on an unknown kind. */
+static int sf_lp_run(int kind, int op, int closure, uint16_t *const *p, const uint16_t *const *g, float *const *m,
+                     float *const *z, float *const *v, const int64_t *n, int64_t count, const sf_scalars_t *s,
+                     sf_lerp_t l, int num_threads)
+{
+    if (kind != SF_BF16 && kind != SF_F16)
+        return -2;
+    sf_plan_t plan;
+    if (sf_plan_make(&plan, n, count))
+        return -1;
+    int *written = (int *)calloc((size_t)(count > 0 ? count : 1), sizeof(int));
+    if (!written) {
+        free(plan.first);
+        return -1;
+    }
+    const int threads = num_threads > 0 ? num_threads : 1;
+    (void)threads;
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads) if (plan.total >= SF_PARALLEL_MIN)
+#endif
+    {
+        int64_t begin = 0;
+        while (begin < count) {
+            int64_t end = begin, elements = 0;
+            while (end < count && (elements == 0 || elements + n[end] <= SF_LP_BATCH))
+                elements += n[end++];
+            const int64_t c0 = plan.first[begin], c1 = plan.first[end];
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic)
+#endif
+            for (int64_t c = c0; c < c1; ++c) {
+                const int64_t t = sf_plan_tensor(&plan, c);
+                const int64_t lo = (c - plan.first[t]) * SF_CHUNK;
+                const int64_t len = (n[t] - lo) < SF_CHUNK ? (n[t] - lo) : SF_CHUNK;
+                if (!__atomic_load_n(&written[t], __ATOMIC_RELAXED))
+                    sf_lp_written_chunk(kind, p[t] + lo, m[t] + lo, len, &written[t]);
+            }
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic)
+#endif
+            for (int64_t c = c0; c < c1; ++c) {
+                const int64_t t = sf_plan_tensor(&plan, c);
+                const int64_t lo = (c - plan.first[t]) * SF_CHUNK;
+                const int64_t len = (n[t] - lo) < SF_CHUNK ? (n[t] - lo) : SF_CHUNK;
+                if (written[t])
+                    sf_lp_adopt(kind, p[t] + lo, m[t] + lo, len);
+                sf_lp_chunk(kind, op, closure, p[t] + lo, g ? g[t] + lo : NULL, m[t] + lo, z[t] + lo,
+                            v ? v[t] + lo : NULL, len, s, l);
+            }
+            begin = end;
+        }
+    }
+    free(written);
+    free(plan.first);
+    return 0;
+}
+
+/* sf_adam_step_f32 on the master m of a bfloat16 (kind 1) or float16 (kind 2) parameter p; p <- round(m). */
+int sf_adam_step_lp(uint16_t *const *p, const uint16_t *const *g, float *const *m, float *const *z, float *const *v,
+                    const int64_t *n, int64_t count, double lr, double beta1, double beta2, double eps,
+                    double weight_decay, double ckp1, double bias_correction2, int adaptive, int kind,
+                    int num_threads)
+{
+    const sf_scalars_t s = sf_scalars_make(lr, beta1, beta2, eps, weight_decay, ckp1, bias_correction2, adaptive);
+    return sf_lp_run(kind, SF_OP_ADAM, 0, p, g, m, z, v, n, count, &s, s.to_z, num_threads);
+}
+
+int sf_adam_closure_step_lp(uint16_t *const *p, const uint16_t *const *g, float *const *m, float *const *z,
+                            float *const *v, const int64_t *n, int64_t count, double lr, double beta1, double beta2,
+                            double eps, double weight_decay, double ckp1, double bias_correction2, int adaptive,
+                            int kind, int num_threads)
+{
+    const sf_scalars_t s = sf_scalars_make(lr, beta1, beta2, eps, weight_decay, ckp1, bias_correction2, adaptive);
+    return sf_lp_run(kind, SF_OP_ADAM, 1, p, g, m, z, v, n, count, &s, s.to_z, num_threads);
+}
+
+int sf_sgd_step_lp(uint16_t *const *p, const uint16_t *const *g, float *const *m, float *const *z, const int64_t *n,
+                   int64_t count, double lr, double momentum, double weight_decay, double ckp1, int kind,
+                   int num_threads)
+{
+    const sf_scalars_t s = sf_scalars_make(lr, momentum, 0.0, 0.0, weight_decay, ckp1, 1.0, 0);
+    return sf_lp_run(kind, SF_OP_SGD, 0, p, g, m, z, NULL, n, count, &s, s.to_z, num_threads);
+}
+
+int sf_sgd_closure_step_lp(uint16_t *const *p, const uint16_t *const *g, float *const *m, float *const *z,
+                           const int64_t *n, int64_t count, double lr, double momentum, double weight_decay,
+                           double ckp1, int kind, int num_threads)
+{
+    const sf_scalars_t s = sf_scalars_make(lr, momentum, 0.0, 0.0, weight_decay, ckp1, 1.0, 0);
+    return sf_lp_run(kind, SF_OP_SGD, 1, p, g, m, z, NULL, n, count, &s, s.to_z, num_threads);
+}
+
+/* m <- lerp(m, z, weight); p <- round(m) (the train/eval switches of a low-precision parameter). */
+int sf_lerp_lp(uint16_t *const *p, float *const *m, const float *const *z, const int64_t *n, int64_t count,
+               double weight, int kind, int num_threads)
+{
+    const sf_scalars_t s = sf_scalars_make(0.0, 0.5, 0.0, 0.0, 0.0, 0.0, 1.0, 0);
+    return sf_lp_run(kind, SF_OP_LERP, 0, p, NULL, m, (float *const *)z, NULL, n, count, &s, sf_lerp_make(weight),
+                     num_threads);
 }

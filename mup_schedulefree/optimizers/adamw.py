@@ -65,8 +65,9 @@ class AdamWRule:
                     ckp1=ckp1, bias_correction2=1.0 - beta2 ** (k + 1), adaptive=adaptive)
 
     def _kernel(self, lists: list[list[torch.Tensor]], scalars: dict[str, Any], *, fused: bool,
-                foreach: bool, closure_form: bool) -> None:
-        kernels.adam_step_(*lists, **scalars, closure_form=closure_form, foreach=foreach, fused=fused)
+                foreach: bool, closure_form: bool, masters: list[torch.Tensor] | None) -> None:
+        kernels.adam_step_(*lists, **scalars, closure_form=closure_form, foreach=foreach, fused=fused,
+                           masters=masters)
 
 
 class AdamWScheduleFree(AdamWRule, PrimalForm):

@@ -328,8 +328,9 @@ class ScheduleFreeCore(Optimizer):
         ``_validate(group)``: hyperparameter checks (raise ValueError naming the argument).
         ``_advance(group)``: advance the group's schedule by one step (called once per group and
             step, with or without gradients) and return the kernel's scalar arguments.
-        ``_kernel(lists, scalars, **flags)``: apply the update to parallel lists
-            [points, grads, z, *moments] of one device and dtype.
+        ``_kernel(lists, scalars, **flags, masters)``: apply the update to parallel lists
+            [points, grads, z, *moments] of one device and dtype (the points are low-precision
+            parameters whose float32 ``masters`` the math updates, when those are given).
     A form (:class:`PrimalForm`, :class:`ClosureForm`) defines where the parameter sits and how
     ``step`` is driven.
     """
@@ -350,7 +351,7 @@ class ScheduleFreeCore(Optimizer):
         raise NotImplementedError
 
     def _kernel(self, lists: list[list[torch.Tensor]], scalars: dict[str, Any], *, fused: bool,
-                foreach: bool, closure_form: bool) -> None:
+                foreach: bool, closure_form: bool, masters: list[torch.Tensor] | None) -> None:
         raise NotImplementedError
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -438,46 +439,41 @@ class ScheduleFreeCore(Optimizer):
         for key in self._moment_keys:
             state[key] = torch.zeros_like(p, dtype=state_dtype, memory_format=torch.preserve_format)
 
-    def _lists(self, params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
-        points, grads, zs = [], [], []
+    def _lists(self, params: list[torch.Tensor]) -> list[list[torch.Tensor | None]]:
+        """Parallel lists [parameters, gradients, z, *moments, masters] (a master is None where there is none)."""
+        points, grads, zs, masters = [], [], [], []
         moments: list[list[torch.Tensor]] = [[] for _ in self._moment_keys]
         for p in params:
             state = self.state[p]
-            point = real_view(local(self._point(p)))
-            points.append(point)
-            grad = real_view(local(p.grad))
-            grads.append(grad if grad.dtype == point.dtype else grad.to(point.dtype))
+            points.append(real_view(local(p)))
+            grads.append(real_view(local(p.grad)))
+            master = state.get(MASTER)
+            masters.append(None if master is None else real_view(local(master)))
             zs.append(real_view(local(state["z"])))
             for column, key in zip(moments, self._moment_keys):
                 column.append(real_view(local(state[key])))
-        return [points, grads, zs, *moments]
-
-    def _write_back(self, params: Iterable[torch.Tensor]) -> None:
-        for p in params:
-            master = self.state[p].get(MASTER)
-            if master is not None:
-                p.copy_(master)
+        return [points, grads, zs, *moments, masters]
 
     def _move_points(self, group: dict[str, Any], params: list[torch.Tensor], weight: float) -> None:
-        """Interpolate the points of ``params`` toward their z by ``weight``."""
+        """Interpolate the points of ``params`` toward their z by ``weight`` (through masters where kept)."""
         if not params:
             return
         for p in params:
             self._align_state(group, p)
-        lists = [[real_view(local(self._point(p))) for p in params],
-                 [real_view(local(self.state[p]["z"])) for p in params]]
-        for (points, zs), fused, foreach in kernel_buckets(group, lists):
-            kernels.lerp_(points, zs, weight, foreach=foreach, fused=fused)
-        self._write_back(params)
+        masters = [self.state[p].get(MASTER) for p in params]
+        lists = [[real_view(local(p)) for p in params], [real_view(local(self.state[p]["z"])) for p in params],
+                 [None if m is None else real_view(local(m)) for m in masters]]
+        for (points, zs, kept), fused, foreach in kernel_buckets(group, lists):
+            kernels.lerp_(points, zs, weight, foreach=foreach, fused=fused, masters=None if kept[0] is None else kept)
 
     def _step_group(self, group: dict[str, Any], params: list[torch.Tensor], closure_form: bool) -> None:
         """Advance the group's schedule once, then update the parameters that have gradients."""
         scalars = self._advance(group)
         for p in params:
             self._init_state(group, p)
-        for lists, fused, foreach in kernel_buckets(group, self._lists(params)):
-            self._kernel(lists, scalars, fused=fused, foreach=foreach, closure_form=closure_form)
-        self._write_back(params)
+        for (*lists, masters), fused, foreach in kernel_buckets(group, self._lists(params)):
+            self._kernel(lists, scalars, fused=fused, foreach=foreach, closure_form=closure_form,
+                         masters=None if masters[0] is None else masters)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load state as ``torch.optim.Optimizer`` does, keeping each state tensor's saved dtype.

@@ -52,8 +52,9 @@ class SGDRule:
         return dict(lr=lr, momentum=group["momentum"], weight_decay=group["weight_decay"], ckp1=ckp1)
 
     def _kernel(self, lists: list[list[torch.Tensor]], scalars: dict[str, Any], *, fused: bool,
-                foreach: bool, closure_form: bool) -> None:
-        kernels.sgd_step_(*lists, **scalars, closure_form=closure_form, foreach=foreach, fused=fused)
+                foreach: bool, closure_form: bool, masters: list[torch.Tensor] | None) -> None:
+        kernels.sgd_step_(*lists, **scalars, closure_form=closure_form, foreach=foreach, fused=fused,
+                          masters=masters)
 
 
 class SGDScheduleFree(SGDRule, PrimalForm):
