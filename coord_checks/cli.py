@@ -24,14 +24,14 @@ import sys
 import tempfile
 import time
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Callable, Iterator, NoReturn, Sequence
 
 import numpy as np
 import torch
 
-from coord_checks import custom, experiments, plots, transfer, verdict
+from coord_checks import custom, diagnose, experiments, plots, transfer, verdict
 from coord_checks.models import MODEL_NAMES, N_HEADS
 from coord_checks.optimizers import DEFAULT_LRS, OPTIMIZER_NAMES, optimizer_factory
 from coord_checks.recording import STATISTICS, record_coords
@@ -134,16 +134,17 @@ def _add_common(parser: argparse.ArgumentParser, models: Sequence[str], seeds: S
                      help="modules whose output is attention logits (default: those named attn_logits)")
 
 
-def build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
-    """The parsers of the check (default command) and of the ``transfer`` subcommand.
+def build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser, argparse.ArgumentParser]:
+    """The parsers of the check (default command) and of the ``transfer`` and ``diagnose`` subcommands.
 
     Returns:
-        ``(check_parser, transfer_parser)``.
+        ``(check_parser, transfer_parser, diagnose_parser)``.
     """
     check = _OneLineParser(
         prog=PROG,
         description="Coordinate check of a schedule-free optimizer in standard parametrization vs "
-                    "muP. Run 'python -m coord_checks transfer --help' for the learning-rate sweep.",
+                    "muP. Run 'python -m coord_checks transfer --help' for the learning-rate sweep, "
+                    "'python -m coord_checks diagnose --help' to find the parameter group that breaks it.",
     )
     _add_common(check, MODEL_NAMES, seeds=(0, 1, 2))
     length = check.add_mutually_exclusive_group()
@@ -170,7 +171,25 @@ def build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     sweep.add_argument("--lrs", type=_learning_rate, nargs="+", metavar="LR",
                        help="learning-rate grid (default: 9 points, one per octave, around the "
                             "optimizer's default)")
-    return check, sweep
+
+    doctor = _OneLineParser(
+        prog=f"{PROG} diagnose",
+        description="Which parameter group breaks learning-rate transfer? Sweeps the lr multiplier of "
+                    "one role at a time (input, hidden, readout, attention, vector-like) at every "
+                    "width, the other roles at their optimum, and reports how far each role's "
+                    "optimum drifts across widths, in muP.",
+    )
+    _add_common(doctor, tuple(experiments.TRANSFER_WIDTHS), seeds=(0,))
+    doctor.add_argument("--steps", type=_positive_int, default=100, help="training steps per run (default: 100)")
+    doctor.add_argument("--lr", type=_learning_rate, help="base learning rate, ideally tuned at the smallest "
+                        "width (default: per optimizer)")
+    doctor.add_argument("--multipliers", type=_learning_rate, nargs="+", metavar="M",
+                        help="multipliers of one role's lr (default: 9 points, 1/16 .. 16)")
+    doctor.add_argument("--roles", nargs="+", choices=diagnose.ROLES, metavar="ROLE",
+                        help=f"roles to sweep, of {', '.join(diagnose.ROLES)} (default: every role the model has)")
+    doctor.add_argument("--rounds", type=_number(int, "a non-negative integer", lambda v: v >= 0), default=1,
+                        help="coordinate-descent passes after the first (default: 1)")
+    return check, sweep, doctor
 
 
 def is_user_model(args: argparse.Namespace) -> bool:
@@ -473,12 +492,66 @@ def run_transfer(args: argparse.Namespace) -> int:
     return 0
 
 
+def _diagnosis_inputs(args: argparse.Namespace) -> tuple:
+    """Model factory, readout name, train and eval batches and loss of a diagnosis."""
+    if is_user_model(args):
+        spec = prepare_user_model(args)
+        return (spec.factory, spec.readout, load_user_batches(args, args.steps, "train"),
+                load_user_batches(args, 4, "eval"), user_loss(args), spec.label)
+    task = experiments.make_task(args.model, n_batches=args.steps, n_eval_batches=4, eval_batch_size=256)
+    return (lambda width: task.build(width, "mup"), None, task.train_batches, task.eval_batches,
+            experiments.cross_entropy, args.model)
+
+
+def run_diagnose(args: argparse.Namespace) -> int:
+    """Run the per-role learning-rate sweep described by parsed arguments.
+
+    Args:
+        args: namespace from the diagnose parser.
+
+    Returns:
+        Exit status 0.
+
+    Raises:
+        UsageError: if the run runs out of memory, the user's model cannot be used, a role
+            diverges at every multiplier, or an output file cannot be written.
+    """
+    start = time.perf_counter()
+    lr = DEFAULT_LRS[args.optimizer] if args.lr is None else args.lr
+    default_widths = args.widths or experiments.TRANSFER_WIDTHS.get(args.model, ())
+    guard = _user_code_failure_as_usage_error(args, args.model) if is_user_model(args) else nullcontext()
+    with _out_of_memory_as_usage_error(args, default_widths), guard:
+        factory, readout, train, held_out, loss, label = _diagnosis_inputs(args)
+        try:
+            result = diagnose.diagnose(
+                factory, lambda groups, base_lr: optimizer_factory(args.optimizer, "mup", base_lr)(groups),
+                widths=list(default_widths), lr=lr, train_batches=train, eval_batches=held_out,
+                loss_fn=loss, steps=args.steps, multipliers=args.multipliers, roles=args.roles,
+                readout=readout, seeds=args.seeds, rounds=args.rounds, device=args.device, progress=True,
+            )
+        except custom.ArgumentError as error:
+            raise _as_usage_error(error) from None
+    out = Path(args.out)
+    stem = f"diagnose_{custom.file_label(args.model) if is_user_model(args) else args.model}_{args.optimizer}"
+    _write_whole(out / f"{stem}.csv", lambda path: result.sweep.to_csv(path, index=False))
+    _write_whole(out / f"{stem}_optima.csv", lambda path: result.optima.to_csv(path, index=False))
+    title = (f"{label}, {args.optimizer} schedule-free (muP), {args.steps} steps, base lr {lr:g}: held-out "
+             f"loss at x against one role's lr (stars: optima); {result.worst_role} drifts most")
+    figure = plots.plot_transfer(result.sweep, result.optima, title=title, panel="role")
+    _write_whole(out / f"{stem}.png", lambda path: plots.save_figure(figure, path))
+    print(result.format())
+    print(f"\nwrote {stem}.csv, {stem}_optima.csv and {stem}.png to {out.resolve()}/ "
+          f"in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m coord_checks``.
 
     Args:
         argv: arguments without the program name (default ``sys.argv[1:]``). A first argument
-            ``transfer`` selects the sweep; ``check`` (or nothing) the coordinate check.
+            ``transfer`` selects the sweep, ``diagnose`` the per-role sweep; ``check`` (or nothing)
+            the coordinate check.
 
     Returns:
         The exit status: that of the run, or 130 after Ctrl-C (printed as one ``interrupted``
@@ -490,18 +563,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     try:
         argv = list(sys.argv[1:] if argv is None else argv)
-        check_parser, transfer_parser = build_parsers()
-        command = argv[0] if argv and argv[0] in ("check", "transfer") else "check"
-        if argv and argv[0] in ("check", "transfer"):
+        parsers = dict(zip(("check", "transfer", "diagnose"), build_parsers()))
+        command = argv[0] if argv and argv[0] in parsers else "check"
+        if argv and argv[0] in parsers:
             argv = argv[1:]
-        parser = transfer_parser if command == "transfer" else check_parser
+        parser = parsers[command]
         args = parser.parse_args(argv)
         _check_widths(parser, args)
         _check_device(parser, args.device)
         _check_out(parser, args.out)
         torch.set_num_threads(args.threads)
         try:
-            return run_transfer(args) if command == "transfer" else run_check(args)
+            return {"check": run_check, "transfer": run_transfer, "diagnose": run_diagnose}[command](args)
         except UsageError as error:
             parser.error(str(error))
     except KeyboardInterrupt:

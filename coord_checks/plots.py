@@ -193,10 +193,11 @@ def plot_transfer(
     optima: pd.DataFrame | None = None,
     loss: str = "eval_loss",
     title: str | None = None,
+    panel: str = "parametrization",
 ) -> Figure:
     """Learning-rate transfer figure: loss against learning rate, one line per width.
 
-    One panel per parametrization (SP left, muP right), sharing the y axis. Lines are the mean
+    One panel per parametrization (SP left, muP right), or per value of ``panel``, sharing the y axis. Lines are the mean
     over seeds; diverged runs are left out. With ``optima`` (from ``fit_optima``) each width's
     fitted optimum is marked with a star and a dotted vertical line.
 
@@ -205,22 +206,24 @@ def plot_transfer(
         optima: optional frame from ``coord_checks.transfer.fit_optima``.
         loss: which loss column to draw.
         title: figure title.
+        panel: the column whose values get a panel each (``"role"`` for a
+            ``coord_checks.diagnose`` sweep, whose learning rate is that of one role).
 
     Returns:
         The figure.
     """
-    params = _ordered(sweep["parametrization"], ("sp", "mup"))
+    params = _ordered(sweep[panel], ("sp", "mup"))
     widths = sorted(sweep["width"].unique())
     cmap = matplotlib.colormaps["viridis"]
     colours = {w: cmap(0.85 * i / max(len(widths) - 1, 1)) for i, w in enumerate(widths)}
-    curves = sweep.groupby(["parametrization", "width", "lr"])[loss].mean()
+    curves = sweep.groupby([panel, "width", "lr"])[loss].mean()
     finite = curves[np.isfinite(curves.to_numpy())]
     low = float(finite.min()) if len(finite) else 0.0
     high = float(finite.quantile(0.9)) if len(finite) else 1.0
     span = max(high - low, 1e-3)
 
     with matplotlib.rc_context(_STYLE):
-        fig = Figure(figsize=(4.2 * len(params) + 1.0, 3.4), layout="constrained")
+        fig = Figure(figsize=(min(4.2, 14.0 / len(params)) * len(params) + 1.0, 3.4), layout="constrained")
         axes = np.atleast_1d(fig.subplots(1, len(params), sharey=True))
         for ax, param in zip(axes, params):
             for width in widths:
@@ -230,14 +233,18 @@ def plot_transfer(
                 ax.plot(curve.index, curve.to_numpy(), marker="o", ms=3, lw=1.2,
                         color=colours[width], label=f"width {width}")
                 if optima is not None:
-                    match = optima[(optima["parametrization"] == param) & (optima["width"] == width)]
+                    match = optima[(optima[panel] == param) & (optima["width"] == width)]
                     for _, row in match.iterrows():
                         ax.axvline(row["lr_opt"], color=colours[width], ls=":", lw=1.0)
                         ax.plot([row["lr_opt"]], [row["best_loss"]], marker="*", ms=9,
                                 color=colours[width], mec="black", mew=0.5)
             ax.set_xscale("log", base=2)
-            ax.set_xlabel("learning rate (base width)" if param == "mup" else "learning rate")
-            ax.set_title(_PARAM_TITLES.get(param, param), fontweight="bold")
+            if panel == "parametrization":
+                ax.set_xlabel("learning rate (base width)" if param == "mup" else "learning rate")
+                ax.set_title(_PARAM_TITLES.get(param, param), fontweight="bold")
+            else:
+                ax.set_xlabel(f"learning rate of the {param} parameters")
+                ax.set_title(f"{panel} {param}", fontweight="bold")
             ax.legend(loc="upper left")
         axes[0].set_ylabel(f"{loss.replace('_', ' ')} at x")
         axes[0].set_ylim(low - 0.05 * span, high + 0.25 * span)

@@ -200,7 +200,8 @@ def parabola_vertex(log2_lrs: Sequence[float], losses: Sequence[float]) -> float
     return float(np.clip(-b / (2 * a), xs.min(), xs.max()))
 
 
-def fit_optima(sweep: pd.DataFrame, half_window: int = 1, loss: str = "eval_loss") -> pd.DataFrame:
+def fit_optima(sweep: pd.DataFrame, half_window: int = 1, loss: str = "eval_loss",
+               by: Sequence[str] = ("parametrization",)) -> pd.DataFrame:
     """Optimal learning rate per (parametrization, width) from a sweep frame.
 
     The loss is averaged over seeds at each learning rate; diverged runs count as infinitely bad.
@@ -212,9 +213,11 @@ def fit_optima(sweep: pd.DataFrame, half_window: int = 1, loss: str = "eval_loss
         sweep: a frame from ``sweep_learning_rates``.
         half_window: neighbours on each side of the grid minimum used in the fit.
         loss: which loss column to use.
+        by: the columns that, with ``width``, make one curve (``("role",)`` for a diagnosis,
+            ``("parametrization", "step")`` for an anytime sweep).
 
     Returns:
-        One row per (parametrization, width): ``grid_lr`` (the grid minimum), ``log2_lr_opt`` and
+        One row per (``*by``, width): ``grid_lr`` (the grid minimum), ``log2_lr_opt`` and
         ``lr_opt`` (the parabola vertex), ``best_loss`` and ``at_edge`` (True when the grid
         minimum lies on the grid's first or last point, so the optimum may lie outside the grid).
 
@@ -223,12 +226,15 @@ def fit_optima(sweep: pd.DataFrame, half_window: int = 1, loss: str = "eval_loss
     """
     if half_window < 1:
         raise ValueError(f"half_window must be at least 1, got {half_window}")
+    by = list(by)
     records = []
-    for (param, width), rows in sweep.groupby(["parametrization", "width"], sort=False):
+    for key, rows in sweep.groupby([*by, "width"], sort=False):
+        *labels, width = key
+        where = ", ".join(f"{column}={label!r}" for column, label in zip(by, labels))
         curve = rows.groupby("log2_lr")[loss].mean().sort_index()
         finite = curve[np.isfinite(curve.to_numpy())]
         if finite.empty:
-            raise ValueError(f"no finite {loss} for parametrization={param!r}, width={width}")
+            raise ValueError(f"no finite {loss} for {where}, width={width}")
         i = int(np.argmin(curve.fillna(np.inf).to_numpy()))
         window = curve.iloc[max(0, i - half_window) : i + half_window + 1]
         window = window[np.isfinite(window.to_numpy())]
@@ -236,10 +242,10 @@ def fit_optima(sweep: pd.DataFrame, half_window: int = 1, loss: str = "eval_loss
         vertex = parabola_vertex(window.index, window.to_numpy()) if len(window) >= 3 else log2_grid
         at_edge = i in (0, len(curve) - 1)
         if at_edge:
-            logger.warning("optimum for %s width %s is at the edge of the lr grid", param, width)
+            logger.warning("optimum for %s, width %s is at the edge of the lr grid", where, width)
         records.append(
             {
-                "parametrization": param,
+                **dict(zip(by, labels)),
                 "width": width,
                 "grid_lr": 2.0**log2_grid,
                 "log2_lr_opt": vertex,
@@ -251,26 +257,29 @@ def fit_optima(sweep: pd.DataFrame, half_window: int = 1, loss: str = "eval_loss
     return pd.DataFrame(records)
 
 
-def optimum_drift(optima: pd.DataFrame) -> pd.DataFrame:
+def optimum_drift(optima: pd.DataFrame, by: Sequence[str] = ("parametrization",)) -> pd.DataFrame:
     """How far the optimal learning rate moves across widths, per parametrization.
 
     Args:
         optima: a frame from ``fit_optima``.
+        by: the columns of one curve, as given to ``fit_optima``.
 
     Returns:
-        One row per parametrization: ``drift_octaves`` (max minus min of log2 lr_opt across
+        One row per parametrization (per value of ``by``): ``drift_octaves`` (max minus min of log2 lr_opt across
         widths), ``trend`` (least-squares slope of log2 lr_opt against log2 width; about -1 means
         the optimum halves whenever the width doubles), ``width_ratio`` (largest over smallest
         width) and ``any_at_edge``.
     """
+    by = list(by)
     records = []
-    for param, rows in optima.groupby("parametrization", sort=False):
+    for key, rows in optima.groupby(by, sort=False):
+        key = key if isinstance(key, tuple) else (key,)
         log2_w = np.log2(rows["width"].to_numpy(dtype=float))
         log2_lr = rows["log2_lr_opt"].to_numpy(dtype=float)
         trend = float(np.polyfit(log2_w, log2_lr, 1)[0]) if len(rows) >= 2 else math.nan
         records.append(
             {
-                "parametrization": param,
+                **dict(zip(by, key)),
                 "drift_octaves": float(log2_lr.max() - log2_lr.min()),
                 "trend": trend,
                 "width_ratio": float(rows["width"].max() / rows["width"].min()),

@@ -54,11 +54,11 @@ def plain_linear_readout(width: int) -> nn.Module:
 class Regressor(nn.Module):
     """A regression MLP whose readout is not called readout."""
 
-    def __init__(self, width: int) -> None:
+    def __init__(self, width: int, bias: bool = True) -> None:
         super().__init__()
-        self.first = nn.Linear(D_IN, width)
-        self.second = nn.Linear(width, width)
-        self.out = mup.MuReadout(width, D_OUT)
+        self.first = nn.Linear(D_IN, width, bias=bias)
+        self.second = nn.Linear(width, width, bias=bias)
+        self.out = mup.MuReadout(width, D_OUT, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.out(torch.tanh(self.second(torch.tanh(self.first(x)))))
@@ -69,9 +69,11 @@ def make_regressor(width: int) -> nn.Module:
 
 
 def regression_batches(n_batches: int, split: str) -> list[tuple[Tensor, Tensor]]:
+    """Gaussian inputs, targets from a fixed random teacher ``sin(x @ T)``; eval inputs differ."""
+    teacher = torch.randn(D_IN, D_OUT, generator=torch.Generator().manual_seed(123)) / D_IN**0.5
     generator = torch.Generator().manual_seed(0 if split == "train" else 1)
-    return [(torch.randn(32, D_IN, generator=generator), torch.randn(32, D_OUT, generator=generator))
-            for _ in range(n_batches)]
+    inputs = [torch.randn(64, D_IN, generator=generator) for _ in range(n_batches)]
+    return [(x, torch.sin(2 * x @ teacher)) for x in inputs]
 
 
 def not_batches(n_batches: int, split: str) -> str:
@@ -80,3 +82,29 @@ def not_batches(n_batches: int, split: str) -> str:
 
 def half_mse(output: Tensor, targets: Tensor) -> Tensor:
     return 0.5 * F.mse_loss(output, targets)
+
+
+class ReadoutWithoutMultiplier(mup.MuReadout):
+    """A deliberately broken muP readout: it forgets to divide by the width multiplier."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return nn.Linear.forward(self, self.output_mult * x)
+
+
+def _regressor(width: int, readout: type[nn.Module]) -> nn.Module:
+    model = Regressor(width, bias=False)
+    model.out = readout(width, D_OUT, bias=False)
+    return model
+
+
+def broken_readout_regressor(width: int) -> nn.Module:
+    """The bias-free regressor with the broken readout, base shapes set from width 32."""
+    return mup.set_base_shapes(_regressor(width, ReadoutWithoutMultiplier),
+                               _regressor(32, ReadoutWithoutMultiplier),
+                               delta=_regressor(64, ReadoutWithoutMultiplier))
+
+
+def shaped_regressor(width: int) -> nn.Module:
+    """The bias-free regressor, correct muP, base shapes set from width 32."""
+    return mup.set_base_shapes(_regressor(width, mup.MuReadout), _regressor(32, mup.MuReadout),
+                               delta=_regressor(64, mup.MuReadout))

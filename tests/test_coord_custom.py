@@ -71,7 +71,7 @@ def test_factory_mistakes_are_one_line_errors_naming_the_argument(name, kwargs, 
 
 def test_data_function_and_loss_by_name_and_from_a_module():
     batches = custom.load_batches(spec("regression_batches"), 2, "eval")
-    assert len(batches) == 2 and batches[0][0].shape == (32, 12)
+    assert len(batches) == 2 and batches[0][0].shape == (64, 12)
     assert custom.resolve_loss("mse") is custom.mse
     assert custom.resolve_loss(spec("half_mse"))(torch.ones(2), torch.zeros(2)) == pytest.approx(0.5)
     with pytest.raises(custom.ArgumentError, match="^data: .*returned str; expected a non-empty list"):

@@ -1,0 +1,82 @@
+"""Diagnosis: every parameter gets a role, each role's lr is swept across widths, and a readout that
+forgets muP's width multiplier is named as the role whose optimum drifts."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from coord_checks import custom
+from coord_checks.cli import PROG, main
+from coord_checks.diagnose import diagnose, parameter_roles, role_groups
+from coord_checks.models import build_model
+from mup_schedulefree import MuAdamW_ScheduleFree
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+MODELS = Path(__file__).resolve().parent / "coord_user_models.py"
+USER = custom.load_object(f"{MODELS}:regression_batches", "data").__globals__
+# Small and deterministic: 2 widths (4x), 40 streaming steps of teacher regression, 9 multipliers.
+SMALL = ["--widths", "32", "128", "--steps", "40", "--lr", "0.05",
+         "--data", f"{MODELS}:regression_batches", "--loss", "mse"]
+
+
+@pytest.fixture
+def restore_threads():
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_roles_follow_infshape_and_names_on_the_example_transformer():
+    roles = parameter_roles(build_model("transformer", 64, "mup", max_seq_len=8))
+    assert roles["tok_emb.weight"] == roles["pos_emb.weight"] == "input"
+    assert {roles[f"blocks.0.attn.{p}.weight"] for p in ("query", "key", "value", "out")} == {"attention"}
+    assert roles["blocks.1.mlp.fc.weight"] == roles["blocks.1.mlp.proj.weight"] == "hidden"
+    assert roles["blocks.0.ln1.weight"] == roles["ln_f.bias"] == "vector"
+    assert roles["readout.weight"] == "readout"
+    groups = role_groups(build_model("mlp", 64, "mup", d_in=8, d_out=4), 0.01, {"readout": 4.0})
+    assert [(g["role"], g["lr"]) for g in groups] == [("input", 0.01), ("hidden", 0.01), ("readout", 0.04)]
+
+
+def test_diagnose_names_the_readout_that_forgets_the_width_multiplier(tmp_path, capsys, restore_threads):
+    status = main(["diagnose", "--model", f"{MODELS}:broken_readout_regressor", *SMALL, "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert status == 0
+    assert out.startswith("Diagnosis: the readout optimum drifts most"), out
+    stem = "diagnose_coord_user_models_broken_readout_regressor_adamw"
+    assert sorted(os.listdir(tmp_path)) == [f"{stem}.csv", f"{stem}.png", f"{stem}_optima.csv"]
+    optima = pd.read_csv(tmp_path / f"{stem}_optima.csv").set_index(["role", "width"])
+    # 4x the width gives a readout update 4x larger: its optimal lr falls by about 2 octaves
+    drop = optima.loc[("readout", 32), "log2_lr_opt"] - optima.loc[("readout", 128), "log2_lr_opt"]
+    assert drop > 1.5, optima
+    for role in ("input", "hidden"):
+        assert abs(optima.loc[(role, 32), "log2_lr_opt"] - optima.loc[(role, 128), "log2_lr_opt"]) < 1.2, optima
+
+
+def test_with_the_mup_readout_no_role_drifts_as_far():
+    make_model = custom.load_object(f"{MODELS}:shaped_regressor", "model")
+    batches = USER["regression_batches"]
+    result = diagnose(make_model, lambda groups, lr: MuAdamW_ScheduleFree(groups, lr=lr), [32, 128], 0.05,
+                      batches(40, "train"), batches(4, "eval"), custom.mse, steps=40)
+    assert set(result.drift["role"]) == {"input", "hidden", "readout"}
+    assert result.drift["drift_octaves"].max() < 1.2, result.format()
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--roles", "attention"], "argument --roles: the model has roles ['input', 'hidden', 'readout'], got ['attention']"),
+    (["--optimizer", "sgd", "--lr", "1e6", "--multipliers", "1e4", "1e5", "1e6", "--steps", "10"],
+     "argument --multipliers: every multiplier of the input lr diverged at width 8"),
+    (["--rounds", "-1"], "argument --rounds: expected a non-negative integer, got -1"),
+])
+def test_diagnose_mistakes_are_one_error_line_naming_the_flag(argv, message, tmp_path, capsys, restore_threads):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["diagnose", "--model", f"{MODELS}:shaped_regressor", "--widths", "8", "16", "--steps", "3",
+              "--data", f"{MODELS}:regression_batches", "--loss", "mse", *argv, "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{PROG} diagnose: error: "), lines
+    assert message in lines[0]
