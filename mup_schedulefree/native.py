@@ -487,14 +487,20 @@ class Prepared:
     binding stays valid while every tensor keeps its storage; whoever holds it decides when to
     prepare again (the optimizers do when a parameter's storage, dtype or gradient changes).
 
+    Lists named in ``rebind`` (the gradients, which autograd may reallocate every step) are not
+    kept: they must be bound with :meth:`bind` before every call, so a call never reads memory a
+    freed gradient owned, and the op holds no reference that would keep a gradient alive.
+
     Args:
         name: the op's name in :data:`OPS`.
         lists: parallel lists of tensors, in the order of the op's ``tensors``.
+        rebind: names of read-only lists to be bound before each call.
     """
 
-    __slots__ = ("op", "_fn", "_pointers", "_numels", "_count", "_code", "_written", "_scalar_names")
+    __slots__ = ("op", "_fn", "_pointers", "_numels", "_count", "_code", "_written", "_scalar_names", "_low",
+                 "_rebind", "_unbound")
 
-    def __init__(self, name: str, lists: Sequence[Tensors]) -> None:
+    def __init__(self, name: str, lists: Sequence[Tensors], rebind: tuple[str, ...] = ()) -> None:
         lib = _library()
         if lib is None:
             raise RuntimeError("native kernels are not available; check available() first")
@@ -505,8 +511,38 @@ class Prepared:
         self._numels = array.array("q", [t.numel() for t in lists[0]])
         self._pointers = [array.array("Q", [t.data_ptr() for t in ts]) for ts in lists]
         self._code = () if low is None else (LOW_PRECISION_CODES[low],)
+        self._low = low
         self._written = [list(ts) for arg, ts in zip(op.tensors, lists) if arg.written]
         self._scalar_names = tuple(name for name, _ in op.scalars)
+        names = [arg.name for arg in op.tensors]
+        for listed in rebind:
+            if listed not in names or op.tensors[names.index(listed)].written:
+                raise ValueError(f"{listed!r} is not a read-only list of {op.symbol}")
+        self._rebind = frozenset(names.index(listed) for listed in rebind)
+        self._unbound = set(self._rebind)
+
+    def bind(self, name: str, tensors: Tensors) -> bool:
+        """Bind one of the ``rebind`` lists for the next call, after checking every tensor.
+
+        Args:
+            name: the list's name in the op's ``tensors``.
+            tensors: the tensors, one per tensor of the other lists.
+
+        Returns:
+            True if they were bound; False, binding nothing, if one is not of the kind, size or dtype
+            the op takes here (the caller then takes another path).
+        """
+        index = next(i for i, arg in enumerate(self.op.tensors) if arg.name == name)
+        if index not in self._rebind:
+            raise ValueError(f"{name!r} was not named in rebind when this op was prepared")
+        dtype = torch.float32 if self._low is None else self._low
+        if len(tensors) != self._count or not all(
+                type(t) in _PLAIN_TYPES and t.dtype is dtype and t.is_cpu and t.layout is torch.strided
+                and t.is_contiguous() and not t.is_neg() and t.numel() == n for t, n in zip(tensors, self._numels)):
+            return False
+        self._pointers[index] = array.array("Q", [t.data_ptr() for t in tensors])
+        self._unbound.discard(index)
+        return True
 
     def __call__(self, **scalars: float) -> None:
         """Run the op once; bump the versions of the tensors it writes, as torch's in-place ops do.
@@ -519,6 +555,10 @@ class Prepared:
             extra = [n for n in scalars if n not in self._scalar_names]
             raise TypeError(f"{self.op.symbol} takes the scalars {list(self._scalar_names)}; "
                             f"missing {missing}, unexpected {extra}")
+        if self._unbound:
+            unbound = [self.op.tensors[i].name for i in sorted(self._unbound)]
+            raise RuntimeError(f"{self.op.symbol}: bind {unbound} before each call")
+        self._unbound.update(self._rebind)
         if not self._count:
             return
         status = self._fn(*(p.buffer_info()[0] for p in self._pointers), self._numels.buffer_info()[0], self._count,

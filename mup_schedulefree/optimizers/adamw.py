@@ -64,6 +64,8 @@ class AdamWRule:
         return dict(lr=lr, beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
                     ckp1=ckp1, bias_correction2=1.0 - beta2 ** (k + 1), adaptive=adaptive)
 
+    _native_op = "adam_sf_step_"  # its fused primal step in native.OPS
+
     def _kernel(self, lists: list[list[torch.Tensor]], scalars: dict[str, Any], *, fused: bool,
                 foreach: bool, closure_form: bool, masters: list[torch.Tensor] | None) -> None:
         kernels.adam_step_(*lists, **scalars, closure_form=closure_form, foreach=foreach, fused=fused,

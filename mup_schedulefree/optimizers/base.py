@@ -15,8 +15,9 @@ What every optimizer in this package guarantees, and where the published package
 """
 from __future__ import annotations
 
+import operator
 from itertools import chain
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
 
 import torch
 from torch.optim import Optimizer
@@ -319,6 +320,27 @@ def check_saved_state(optimizer: Optimizer, state_dict: dict[str, Any]) -> None:
 SCHEDULE_DEFAULTS = dict(k=0, lr_max=-1.0, weight_sum=0.0, scheduled_lr=0.0, averaging=None)
 
 
+class GroupPlan(NamedTuple):
+    """What a group's step reuses while nothing it was built from changed (see ``ScheduleFreeCore._plan``).
+
+    ``calls`` is None when the group cannot take the cached path (some tensor needs the eager path,
+    a complex or distributed parameter); the group then steps through the full path every time.
+    """
+
+    params_list: list                      # the group's own "params" list object
+    params: tuple                          # its parameters, in order
+    has_grad: list                         # which of them had a gradient
+    pointers: list                         # the data pointers of those that had one
+    states: list                           # their state dicts
+    state_tensors: dict                    # state key -> the tensors the calls were bound to
+    flags: tuple                           # the group's fused, foreach and master_weights
+    calls: list | None                     # (native.Prepared, rows of the active parameters it takes)
+
+
+def _flags(group: dict[str, Any]) -> tuple:
+    return group.get("fused"), group.get("foreach"), group.get("master_weights")
+
+
 class ScheduleFreeCore(Optimizer):
     """State, schedules and serialization shared by every schedule-free form.
 
@@ -364,6 +386,7 @@ class ScheduleFreeCore(Optimizer):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
         self._validate({**self.defaults, **param_group})
         super().add_param_group(param_group)
+        self._plans = None
 
     def _point(self, p: torch.Tensor) -> torch.Tensor:
         """The tensor the math updates for ``p``: its float32 master copy if it has one, else ``p``.
@@ -454,6 +477,82 @@ class ScheduleFreeCore(Optimizer):
                 column.append(real_view(local(state[key])))
         return [points, grads, zs, *moments, masters]
 
+    _native_op: str = ""  # the rule's fused step in native.OPS ("" for none)
+
+    def _plan(self, group: dict[str, Any]) -> GroupPlan | None:
+        """Build what the group's next steps reuse: the checked, bucketed lists as bound native calls.
+
+        Built after a step that took the full path (validation, lazy state, bucketing); reused by
+        :meth:`_cached_step_plans` while the group's parameters are the same objects with the same
+        storage, the same of them have gradients, their state dicts hold the same tensors, its flags
+        are unchanged, and no group was added or state loaded. A parameter moved to another dtype or device gets new storage, so its
+        changed data pointer sends the step through the full path, which aligns the state.
+
+        Returns:
+            The plan, or None if some parameter with a gradient has no state yet.
+        """
+        lib = kernels._native()
+        params = group["params"]
+        has_grad = [p.grad is not None for p in params]
+        active = [p for p, has in zip(params, has_grad) if has]
+        if any("z" not in self.state[p] for p in active):
+            return None
+        states = [self.state[p] for p in active]
+        keys = ("z", *self._moment_keys) + ((MASTER,) if any(MASTER in st for st in states) else ())
+        plan = dict(params_list=params, params=tuple(params), has_grad=has_grad,
+                    pointers=[p.data_ptr() for p in active], states=states,
+                    state_tensors={key: [st.get(key) for st in states] for key in keys}, flags=_flags(group),
+                    calls=None)
+        if lib is None or not self._native_op or any(p.is_complex() for p in active):
+            return GroupPlan(**plan)
+        calls = []
+        lists = self._lists(active)
+        for (*bucket, masters, rows), fused, _ in kernel_buckets(group, [*lists, list(range(len(active)))]):
+            if not fused:
+                return GroupPlan(**plan)
+            name, tensors = self._native_op, bucket
+            if masters[0] is not None:
+                name, tensors = name + "lp_", [bucket[0], bucket[1], masters, *bucket[2:]]
+            try:
+                calls.append((lib.Prepared(name, tensors, rebind=("grads",)), rows))
+            except (TypeError, ValueError):  # a tensor the kernels cannot take: the full path splits it off
+                return GroupPlan(**plan)
+        return GroupPlan(**{**plan, "calls": calls})
+
+    def _cached_step_plans(self) -> list[list] | None:
+        """The native calls of every group with this step's gradients bound, or None to take the full path.
+
+        Nothing is changed when None is returned, and nothing but the calls' gradient pointers
+        otherwise; every check of the full path that could fail has passed when the plans were built
+        and holds while they match (a gradient of another kind, size or layout does not match).
+        """
+        plans = getattr(self, "_plans", None)
+        if plans is None or len(plans) != len(self.param_groups):
+            return None
+        ready = []
+        for group, plan in zip(self.param_groups, plans):
+            params = group["params"]
+            if (plan is None or plan.calls is None or params is not plan.params_list
+                    or len(params) != len(plan.params) or not all(map(operator.is_, params, plan.params))):
+                return None
+            grads = [p.grad for p in params]
+            if [g is not None for g in grads] != plan.has_grad or _flags(group) != plan.flags:
+                return None
+            active = [p for p in params if p.grad is not None]
+            if [p.data_ptr() for p in active] != plan.pointers:
+                return None
+            if not all(map(operator.is_, map(self.state.__getitem__, active), plan.states)):
+                return None
+            for key, tensors in plan.state_tensors.items():
+                if not all(map(operator.is_, map(operator.methodcaller("get", key), plan.states), tensors)):
+                    return None
+            grads = [g for g in grads if g is not None]
+            for prepared, rows in plan.calls:
+                if not prepared.bind("grads", grads if len(rows) == len(grads) else [grads[i] for i in rows]):
+                    return None
+            ready.append([prepared for prepared, _ in plan.calls])
+        return ready
+
     def _move_points(self, group: dict[str, Any], params: list[torch.Tensor], weight: float) -> None:
         """Interpolate the points of ``params`` toward their z by ``weight`` (through masters where kept)."""
         if not params:
@@ -483,6 +582,7 @@ class ScheduleFreeCore(Optimizer):
         """
         check_is_state_dict(self, state_dict)
         state_dict = {**state_dict, "param_groups": [upgrade_saved_group(g) for g in state_dict["param_groups"]]}
+        self._plans = None
         super().load_state_dict(state_dict)
         for group in self.param_groups:  # a published state dict lacks this package's own keys
             for key, value in self.defaults.items():
@@ -612,9 +712,21 @@ class PrimalForm(ModalForm):
         Returns:
             The closure's loss, or None.
         """
-        loss = self._begin_step(closure)
+        loss = train_mode_closure(self, closure)
+        ready = self._cached_step_plans()
+        if ready is not None:
+            share_lr_ratios(self.param_groups)
+            for group, calls in zip(self.param_groups, ready):
+                scalars = self._advance(group)
+                for prepared in calls:
+                    prepared(**scalars)
+            return loss
+        self._check_state()
+        self._check_gradients()
+        share_lr_ratios(self.param_groups)
         for group in self.param_groups:
             self._step_group(group, [p for p in group["params"] if p.grad is not None], closure_form=False)
+        self._plans = [self._plan(group) for group in self.param_groups]
         return loss
 
 
