@@ -171,6 +171,9 @@ def build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser, a
     sweep.add_argument("--lrs", type=_learning_rate, nargs="+", metavar="LR",
                        help="learning-rate grid (default: 9 points, one per octave, around the "
                             "optimizer's default)")
+    sweep.add_argument("--eval-steps", type=_positive_int, nargs="+", metavar="S",
+                       help="also evaluate every run at x after these many steps (anytime transfer: "
+                            "optimum and drift per horizon, and a plot of optimum lr vs steps)")
 
     doctor = _OneLineParser(
         prog=f"{PROG} diagnose",
@@ -222,6 +225,9 @@ def _check_widths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
                          f"(the head count), got {bad}")
     if len(set(args.seeds)) != len(args.seeds):
         parser.error(f"argument --seeds: seeds must be distinct, got {args.seeds}")
+    too_late = [s for s in getattr(args, "eval_steps", None) or () if s > args.steps]
+    if too_late:
+        parser.error(f"argument --eval-steps: steps must not exceed --steps {args.steps}, got {too_late}")
 
 
 def _first_sentence(error: BaseException) -> str:
@@ -440,8 +446,26 @@ def run_check(args: argparse.Namespace) -> int:
     return 0 if judged.passed("mup") else 1
 
 
+def _user_sweep(args: argparse.Namespace):
+    """The learning-rate sweep of the user's model (muP only)."""
+    spec = prepare_user_model(args)
+    lrs = args.lrs or transfer.lr_grid(DEFAULT_LRS[args.optimizer], octaves=4)
+    train, held_out = load_user_batches(args, args.steps, "train"), load_user_batches(args, 4, "eval")
+    loss = user_loss(args)
+    with _user_code_failure_as_usage_error(args, spec.label):
+        return transfer.sweep_learning_rates(
+            spec.factory, lambda params, lr: optimizer_factory(args.optimizer, "mup", lr)(params),
+            widths=args.widths, lrs=lrs, train_batches=train, eval_batches=held_out, loss_fn=loss,
+            steps=args.steps, seeds=args.seeds, device=args.device, parametrization="mup",
+            progress=True, eval_steps=args.eval_steps,
+        ), spec.label
+
+
 def run_transfer(args: argparse.Namespace) -> int:
     """Run the learning-rate transfer sweep described by parsed arguments.
+
+    With ``--eval-steps`` the runs are also evaluated at those step counts (anytime transfer): the
+    optimum and its drift are reported per horizon and drawn against the steps.
 
     Args:
         args: namespace from the transfer parser.
@@ -450,35 +474,44 @@ def run_transfer(args: argparse.Namespace) -> int:
         Exit status 0.
 
     Raises:
-        UsageError: if the run runs out of memory, every learning rate diverges at some width, or
-            an output file cannot be written.
+        UsageError: if the run runs out of memory, the user's model cannot be used, every learning
+            rate diverges at some width, or an output file cannot be written.
     """
     start = time.perf_counter()
-    with _out_of_memory_as_usage_error(args, experiments.TRANSFER_WIDTHS[args.model]):
-        sweep = experiments.run_transfer(
-            model=args.model,
-            optimizer=args.optimizer,
-            widths=args.widths,
-            lrs=args.lrs,
-            seeds=args.seeds,
-            steps=args.steps,
-            device=args.device,
-            progress=True,
-        )
-    mean_loss = sweep.groupby(["parametrization", "width", "lr"])["eval_loss"].mean()
-    finite = np.isfinite(mean_loss).groupby(level=["parametrization", "width"]).any()
+    with _out_of_memory_as_usage_error(args, args.widths or experiments.TRANSFER_WIDTHS.get(args.model, ())):
+        if is_user_model(args):
+            sweep, label = _user_sweep(args)
+        else:
+            label = args.model
+            sweep = experiments.run_transfer(
+                model=args.model,
+                optimizer=args.optimizer,
+                widths=args.widths,
+                lrs=args.lrs,
+                seeds=args.seeds,
+                steps=args.steps,
+                device=args.device,
+                progress=True,
+                eval_steps=args.eval_steps,
+            )
+    keys = ["parametrization", "step"]
+    mean_loss = sweep.groupby([*keys, "width", "lr"])["eval_loss"].mean()
+    finite = np.isfinite(mean_loss).groupby(level=[*keys, "width"]).any()
     if not finite.all():
-        lost = ", ".join(f"{param} width {width}" for param, width in finite.index[~finite])
+        lost = ", ".join(f"{param} width {width} at step {step}" for param, step, width in finite.index[~finite])
         raise UsageError(f"argument --lrs: every learning rate diverged ({lost}); try smaller ones")
-    optima = transfer.fit_optima(sweep)
-    drift = transfer.optimum_drift(optima)
+    every = transfer.fit_optima(sweep, by=keys)
+    drifts = transfer.optimum_drift(every, by=keys)
+    optima = every[every["step"] == args.steps].drop(columns="step")
+    drift = drifts[drifts["step"] == args.steps].drop(columns="step")
     out = Path(args.out)
-    stem = f"transfer_{args.model}_{args.optimizer}"
+    stem = f"transfer_{custom.file_label(args.model) if is_user_model(args) else args.model}_{args.optimizer}"
+    written = [f"{stem}.csv", f"{stem}_optima.csv", f"{stem}.png"]
     _write_whole(out / f"{stem}.csv", lambda path: sweep.to_csv(path, index=False))
-    _write_whole(out / f"{stem}_optima.csv", lambda path: optima.to_csv(path, index=False))
-    title = (f"{args.model}, {args.optimizer} schedule-free, {args.steps} steps: held-out loss at x "
+    _write_whole(out / f"{stem}_optima.csv", lambda path: (every if args.eval_steps else optima).to_csv(path, index=False))
+    title = (f"{label}, {args.optimizer} schedule-free, {args.steps} steps: held-out loss at x "
              f"(stars: fitted optima)")
-    figure = plots.plot_transfer(sweep, optima, title=title)
+    figure = plots.plot_transfer(sweep[sweep["step"] == args.steps], optima, title=title)
     _write_whole(out / f"{stem}.png", lambda path: plots.save_figure(figure, path))
     fmt = {"grid_lr": "{:.3g}".format, "lr_opt": "{:.3g}".format, "log2_lr_opt": "{:.2f}".format,
            "best_loss": "{:.3f}".format, "drift_octaves": "{:.2f}".format, "trend": "{:.2f}".format}
@@ -487,7 +520,18 @@ def run_transfer(args: argparse.Namespace) -> int:
     print("\nDrift of the optimum across widths (octaves = factors of 2; trend = slope of log2 "
           "lr_opt vs log2 width):")
     print(drift.to_string(index=False, formatters=fmt))
-    print(f"\nwrote {stem}.csv, {stem}_optima.csv and {stem}.png to {out.resolve()}/ "
+    if args.eval_steps:
+        written.append(f"{stem}_anytime.png")
+        anytime = plots.plot_anytime(every, title=f"{label}, {args.optimizer} schedule-free: optimal lr "
+                                                  "against training steps, evaluated at x in the same runs")
+        _write_whole(out / written[-1], lambda path: plots.save_figure(anytime, path))
+        table = every.pivot_table(index=["parametrization", "step"], columns="width", values="lr_opt",
+                                  sort=False)
+        table.columns = [f"lr_opt w{w}" for w in table.columns]
+        table = table.join(drifts.set_index(keys)[["drift_octaves", "trend"]]).reset_index()
+        print("\nAnytime: the optimum per horizon, from the same runs evaluated at x after each step count:")
+        print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
+    print(f"\nwrote {', '.join(written[:-1])} and {written[-1]} to {out.resolve()}/ "
           f"in {time.perf_counter() - start:.1f} s")
     return 0
 

@@ -284,6 +284,7 @@ def run_transfer(
     parametrizations: Sequence[str] = ("sp", "mup"),
     device: str | torch.device = "cpu",
     progress: bool = False,
+    eval_steps: Sequence[int] | None = None,
 ) -> pd.DataFrame:
     """Learning-rate sweep of a named optimizer on a text task, in SP and in muP.
 
@@ -303,6 +304,7 @@ def run_transfer(
         parametrizations: which of ``"sp"`` and ``"mup"`` to sweep.
         device: where to train.
         progress: show tqdm progress bars.
+        eval_steps: also evaluate every run at these step counts (an anytime sweep).
 
     Returns:
         The sweep frame (``coord_checks.transfer.SWEEP_COLUMNS``).
@@ -341,6 +343,7 @@ def run_transfer(
             device=device,
             parametrization=parametrization,
             progress=progress,
+            eval_steps=eval_steps,
         )
         for parametrization in parametrizations
     ]

@@ -253,6 +253,49 @@ def plot_transfer(
     return fig
 
 
+def plot_anytime(optima: pd.DataFrame, title: str | None = None) -> Figure:
+    """Anytime transfer figure: the optimal learning rate against the training length, one line per width.
+
+    One panel per parametrization (SP left), sharing the y axis. Lines that lie on top of each other
+    mean the optimum transfers across widths at every horizon; a line's slope shows how the optimum
+    moves as training gets longer. Hollow markers are optima at the edge of the lr grid.
+
+    Args:
+        optima: ``coord_checks.transfer.fit_optima(sweep, by=("parametrization", "step"))``.
+        title: figure title.
+
+    Returns:
+        The figure.
+    """
+    params = _ordered(optima["parametrization"], ("sp", "mup"))
+    widths = sorted(optima["width"].unique())
+    cmap = matplotlib.colormaps["viridis"]
+    colours = {w: cmap(0.85 * i / max(len(widths) - 1, 1)) for i, w in enumerate(widths)}
+    with matplotlib.rc_context(_STYLE):
+        fig = Figure(figsize=(3.8 * len(params) + 1.0, 3.2), layout="constrained")
+        axes = np.atleast_1d(fig.subplots(1, len(params), sharey=True))
+        for ax, param in zip(axes, params):
+            for width in widths:
+                rows = optima[(optima["parametrization"] == param) & (optima["width"] == width)]
+                rows = rows.sort_values("step")
+                if rows.empty:
+                    continue
+                ax.plot(rows["step"], rows["lr_opt"], lw=1.2, color=colours[width], label=f"width {width}")
+                edge = rows["at_edge"].to_numpy(dtype=bool)
+                ax.plot(rows["step"][~edge], rows["lr_opt"][~edge], "o", ms=4, color=colours[width])
+                ax.plot(rows["step"][edge], rows["lr_opt"][edge], "o", ms=5, mfc="none", color=colours[width])
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log", base=2)
+            ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+            ax.set_xlabel("training steps (evaluated at x)")
+            ax.set_title(_PARAM_TITLES.get(param, param), fontweight="bold")
+            ax.legend(loc="best")
+        axes[0].set_ylabel("optimal learning rate")
+        if title:
+            fig.suptitle(title)
+    return fig
+
+
 def save_figure(fig: Figure, path: str | Path, dpi: int = 120) -> Path:
     """Write a figure as PNG, creating the folder if needed.
 

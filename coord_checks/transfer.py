@@ -2,7 +2,9 @@
 
 ``sweep_learning_rates`` trains one model per (width, learning rate, seed) for a fixed number of
 steps with a schedule-free optimizer (no learning-rate schedule) and evaluates the loss at the
-evaluation point x (``optimizer.eval()``) on held-out batches. ``fit_optima`` locates the optimum
+evaluation point x (``optimizer.eval()``) on held-out batches. Schedule-free training has no
+horizon, so the same runs can be evaluated at several step counts (``eval_steps``: an *anytime*
+sweep, one row per step), which tells how the optimum moves with the training length. ``fit_optima`` locates the optimum
 per width as the vertex of a parabola fitted to the seed-mean loss against log2(lr) around the
 grid minimum; ``optimum_drift`` reports how far that optimum moves across widths, in octaves
 (factors of two of the learning rate). Under muP the drift should be small; under standard
@@ -27,7 +29,7 @@ from coord_checks.recording import check_widths, rng_devices
 logger = logging.getLogger(__name__)
 
 SWEEP_COLUMNS: tuple[str, ...] = (
-    "parametrization", "width", "lr", "log2_lr", "seed", "train_loss", "eval_loss", "diverged"
+    "parametrization", "width", "lr", "log2_lr", "seed", "step", "train_loss", "eval_loss", "diverged"
 )
 
 
@@ -82,29 +84,86 @@ def train_and_evaluate(
         ``(train_loss, eval_loss)``: the mean training loss over the last quarter of the steps
         and the held-out loss at x; both ``nan`` if training diverged (a non-finite loss).
     """
-    model.train()
-    if hasattr(optimizer, "train"):
-        optimizer.train()
-    tail = max(1, steps // 4)
-    tail_losses = []
-    for step in range(steps):
-        inputs, targets = train_batches[step % len(train_batches)]
-        loss = loss_fn(model(inputs), targets)
-        if not torch.isfinite(loss):
-            return math.nan, math.nan
-        if step >= steps - tail:
-            tail_losses.append(loss.detach())
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    (_, train_loss, eval_loss), = train_and_evaluate_at(
+        model, optimizer, train_batches, eval_batches, loss_fn, [steps])
+    return train_loss, eval_loss
+
+
+def _evaluate_at_x(model: nn.Module, optimizer: torch.optim.Optimizer, eval_batches: Sequence[Batch],
+                   loss_fn: Callable[[Tensor, Tensor], Tensor]) -> float:
     if hasattr(optimizer, "eval"):
         optimizer.eval()
     model.eval()
     with torch.no_grad():
-        eval_loss = torch.stack([loss_fn(model(x), y) for x, y in eval_batches]).mean()
-    train_loss = torch.stack(tail_losses).mean()
-    eval_value = float(eval_loss)
-    return float(train_loss), eval_value if math.isfinite(eval_value) else math.nan
+        value = float(torch.stack([loss_fn(model(x), y) for x, y in eval_batches]).mean())
+    return value if math.isfinite(value) else math.nan
+
+
+def train_and_evaluate_at(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train_batches: Sequence[Batch],
+    eval_batches: Sequence[Batch],
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    eval_steps: Sequence[int],
+) -> list[tuple[int, float, float]]:
+    """Train to ``max(eval_steps)`` and evaluate at x after each of ``eval_steps`` steps, in one run.
+
+    An evaluation before the last switches to x (``optimizer.eval()``, ``model.eval()``), measures,
+    switches back, and restores every parameter and buffer bit for bit, so the run goes on exactly
+    as if it had not been evaluated.
+
+    Args:
+        model: the network, on the batches' device.
+        optimizer: a schedule-free optimizer in train mode (left in eval mode at the end).
+        train_batches: step ``t`` uses ``train_batches[t % len(train_batches)]``.
+        eval_batches: held-out batches, averaged.
+        loss_fn: ``(model_output, targets) -> scalar loss``.
+        eval_steps: positive step counts.
+
+    Returns:
+        ``(step, train_loss, eval_loss)`` per evaluation step, increasing: the mean training loss
+        over the last quarter of the steps so far and the held-out loss at x; ``nan`` from the
+        step where training diverged (a non-finite loss) on.
+
+    Raises:
+        ValueError: for an empty ``eval_steps`` or a non-positive step.
+    """
+    targets = sorted(set(eval_steps))
+    if not targets or any(isinstance(t, bool) or not isinstance(t, int) or t < 1 for t in targets):
+        raise ValueError(f"eval_steps must be positive ints, got {list(eval_steps)}")
+    model.train()
+    if hasattr(optimizer, "train"):
+        optimizer.train()
+    losses: list[Tensor] = []
+    results = []
+    for step in range(targets[-1]):
+        inputs, labels = train_batches[step % len(train_batches)]
+        loss = loss_fn(model(inputs), labels)
+        if not torch.isfinite(loss):
+            done = {t for t, _, _ in results}
+            return results + [(t, math.nan, math.nan) for t in targets if t not in done]
+        losses.append(loss.detach())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step + 1 not in targets:
+            continue
+        tail = max(1, (step + 1) // 4)
+        train_loss = float(torch.stack(losses[-tail:]).mean())
+        if step + 1 == targets[-1]:
+            results.append((step + 1, train_loss, _evaluate_at_x(model, optimizer, eval_batches, loss_fn)))
+            break
+        tensors = [*model.parameters(), *model.buffers()]
+        saved = [t.detach().clone() for t in tensors]
+        results.append((step + 1, train_loss, _evaluate_at_x(model, optimizer, eval_batches, loss_fn)))
+        model.train()
+        if hasattr(optimizer, "train"):
+            optimizer.train()
+        with torch.no_grad():
+            for t, value in zip(tensors, saved):
+                t.copy_(value)
+    return results
 
 
 def sweep_learning_rates(
@@ -120,6 +179,7 @@ def sweep_learning_rates(
     device: str | torch.device = "cpu",
     parametrization: str = "mup",
     progress: bool = False,
+    eval_steps: Sequence[int] | None = None,
 ) -> pd.DataFrame:
     """Train every (width, lr, seed) for a fixed budget and record the held-out loss at x.
 
@@ -137,14 +197,16 @@ def sweep_learning_rates(
         device: where to train.
         parametrization: label stored in the ``parametrization`` column.
         progress: show a tqdm progress bar over runs (on a terminal).
+        eval_steps: step counts at which every run is also evaluated at x (an anytime sweep);
+            ``steps`` is always one of them.
 
     Returns:
-        A DataFrame with columns ``SWEEP_COLUMNS`` (``diverged`` marks runs whose loss became
-        non-finite; their losses are ``nan``).
+        A DataFrame with columns ``SWEEP_COLUMNS``, one row per evaluation (``diverged`` marks
+        runs whose loss became non-finite by then; their losses are ``nan``).
 
     Raises:
-        ValueError: for bad widths, an empty or non-positive lr grid, ``steps < 1`` or missing
-            batches.
+        ValueError: for bad widths, an empty or non-positive lr grid, ``steps < 1``, missing
+            batches, or ``eval_steps`` outside 1 .. ``steps``.
     """
     widths = check_widths(widths)
     if not lrs or any(not lr > 0 for lr in lrs):
@@ -155,6 +217,9 @@ def sweep_learning_rates(
         raise ValueError("train_batches and eval_batches must each hold at least one batch")
     if not seeds:
         raise ValueError("seeds must hold at least one seed")
+    eval_at = sorted({*(eval_steps or ()), steps})
+    if any(isinstance(t, bool) or not isinstance(t, int) or not 1 <= t <= steps for t in eval_at):
+        raise ValueError(f"eval_steps must be ints in 1..{steps}, got {list(eval_steps or ())}")
     device = torch.device(device)
     train_batches = [(x.to(device), y.to(device)) for x, y in train_batches]
     eval_batches = [(x.to(device), y.to(device)) for x, y in eval_batches]
@@ -168,11 +233,11 @@ def sweep_learning_rates(
             torch.manual_seed(seed)
             model = model_factory(width).to(device)
             optimizer = optimizer_factory(model.parameters(), lr)
-            train_loss, eval_loss = train_and_evaluate(
-                model, optimizer, train_batches, eval_batches, loss_fn, steps
-            )
-            records.append((parametrization, width, lr, math.log2(lr), seed, train_loss,
-                            eval_loss, math.isnan(eval_loss)))
+            for step, train_loss, eval_loss in train_and_evaluate_at(
+                model, optimizer, train_batches, eval_batches, loss_fn, eval_at
+            ):
+                records.append((parametrization, width, lr, math.log2(lr), seed, step, train_loss,
+                                eval_loss, math.isnan(eval_loss)))
     return pd.DataFrame(records, columns=list(SWEEP_COLUMNS))
 
 
@@ -222,11 +287,15 @@ def fit_optima(sweep: pd.DataFrame, half_window: int = 1, loss: str = "eval_loss
         minimum lies on the grid's first or last point, so the optimum may lie outside the grid).
 
     Raises:
-        ValueError: if ``half_window < 1`` or a width has no finite loss.
+        ValueError: if ``half_window < 1``, a width has no finite loss, or the sweep holds several
+            steps and ``by`` does not include ``step``.
     """
     if half_window < 1:
         raise ValueError(f"half_window must be at least 1, got {half_window}")
     by = list(by)
+    if "step" in sweep.columns and "step" not in by and sweep["step"].nunique() > 1:
+        raise ValueError(f"sweep holds steps {sorted(sweep['step'].unique())}: pass by=(..., 'step') "
+                         "or select one step")
     records = []
     for key, rows in sweep.groupby([*by, "width"], sort=False):
         *labels, width = key

@@ -42,7 +42,7 @@ def test_coord_figure_has_sp_and_mup_side_by_side_with_a_panel_per_step_and_sequ
 
 
 def test_transfer_figure_has_a_line_per_width_and_marks_optima():
-    rows = [(p, w, 2.0**k, float(k), 0, 0.0, 2 + 0.1 * (k + 6) ** 2, False)
+    rows = [(p, w, 2.0**k, float(k), 0, 100, 0.0, 2 + 0.1 * (k + 6) ** 2, False)
             for p in ("sp", "mup") for w in (64, 256) for k in range(-9, -2)]
     sweep = pd.DataFrame(rows, columns=list(SWEEP_COLUMNS))
     before = dict(matplotlib.rcParams)

@@ -25,7 +25,7 @@ def quadratic_sweep(optima_log2: dict[tuple[str, int], float], grid=tuple(range(
         for log2_lr in grid:
             for seed in seeds:
                 loss = 2.0 + 0.1 * (log2_lr - opt) ** 2
-                rows.append((param, width, 2.0**log2_lr, float(log2_lr), seed, loss, loss, False))
+                rows.append((param, width, 2.0**log2_lr, float(log2_lr), seed, 100, loss, loss, False))
     return pd.DataFrame(rows, columns=list(SWEEP_COLUMNS))
 
 
