@@ -18,6 +18,7 @@ in the output folder and renamed into place, so an interrupted run leaves comple
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import sys
@@ -174,6 +175,10 @@ def build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser, a
     sweep.add_argument("--eval-steps", type=_positive_int, nargs="+", metavar="S",
                        help="also evaluate every run at x after these many steps (anytime transfer: "
                             "optimum and drift per horizon, and a plot of optimum lr vs steps)")
+    sweep.add_argument("--wds", type=_number(float, "a non-negative number", lambda v: 0 <= v < math.inf),
+                       nargs="+", metavar="WD",
+                       help="also sweep these weight decays: a learning rate x weight decay grid, with "
+                            "the joint optimum per width and its drift")
 
     doctor = _OneLineParser(
         prog=f"{PROG} diagnose",
@@ -225,6 +230,8 @@ def _check_widths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
                          f"(the head count), got {bad}")
     if len(set(args.seeds)) != len(args.seeds):
         parser.error(f"argument --seeds: seeds must be distinct, got {args.seeds}")
+    if getattr(args, "wds", None) and args.eval_steps:
+        parser.error("argument --wds: not with --eval-steps (sweep the grid at one horizon)")
     too_late = [s for s in getattr(args, "eval_steps", None) or () if s > args.steps]
     if too_late:
         parser.error(f"argument --eval-steps: steps must not exceed --steps {args.steps}, got {too_late}")
@@ -454,10 +461,11 @@ def _user_sweep(args: argparse.Namespace):
     loss = user_loss(args)
     with _user_code_failure_as_usage_error(args, spec.label):
         return transfer.sweep_learning_rates(
-            spec.factory, lambda params, lr: optimizer_factory(args.optimizer, "mup", lr)(params),
+            spec.factory,
+            lambda params, lr, **decay: optimizer_factory(args.optimizer, "mup", lr, **decay)(params),
             widths=args.widths, lrs=lrs, train_batches=train, eval_batches=held_out, loss_fn=loss,
             steps=args.steps, seeds=args.seeds, device=args.device, parametrization="mup",
-            progress=True, eval_steps=args.eval_steps,
+            progress=True, eval_steps=args.eval_steps, weight_decays=args.wds,
         ), spec.label
 
 
@@ -478,6 +486,7 @@ def run_transfer(args: argparse.Namespace) -> int:
             rate diverges at some width, or an output file cannot be written.
     """
     start = time.perf_counter()
+    keys = ["parametrization", "step"]
     with _out_of_memory_as_usage_error(args, args.widths or experiments.TRANSFER_WIDTHS.get(args.model, ())):
         if is_user_model(args):
             sweep, label = _user_sweep(args)
@@ -493,13 +502,15 @@ def run_transfer(args: argparse.Namespace) -> int:
                 device=args.device,
                 progress=True,
                 eval_steps=args.eval_steps,
+                weight_decays=args.wds,
             )
-    keys = ["parametrization", "step"]
     mean_loss = sweep.groupby([*keys, "width", "lr"])["eval_loss"].mean()
     finite = np.isfinite(mean_loss).groupby(level=[*keys, "width"]).any()
     if not finite.all():
         lost = ", ".join(f"{param} width {width} at step {step}" for param, step, width in finite.index[~finite])
         raise UsageError(f"argument --lrs: every learning rate diverged ({lost}); try smaller ones")
+    if args.wds:
+        return _report_lr_wd(args, sweep, label, start)
     every = transfer.fit_optima(sweep, by=keys)
     drifts = transfer.optimum_drift(every, by=keys)
     optima = every[every["step"] == args.steps].drop(columns="step")
@@ -532,6 +543,30 @@ def run_transfer(args: argparse.Namespace) -> int:
         print("\nAnytime: the optimum per horizon, from the same runs evaluated at x after each step count:")
         print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     print(f"\nwrote {', '.join(written[:-1])} and {written[-1]} to {out.resolve()}/ "
+          f"in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _report_lr_wd(args: argparse.Namespace, sweep: Any, label: str, start: float) -> int:
+    """Write and print the learning rate x weight decay sweep: joint optima, drift, heat maps."""
+    joint = transfer.fit_joint_optima(sweep)
+    drift = transfer.joint_drift(joint)
+    out = Path(args.out)
+    stem = f"transfer_{custom.file_label(args.model) if is_user_model(args) else args.model}_{args.optimizer}_wd"
+    _write_whole(out / f"{stem}.csv", lambda path: sweep.to_csv(path, index=False))
+    _write_whole(out / f"{stem}_optima.csv", lambda path: joint.to_csv(path, index=False))
+    figure = plots.plot_lr_wd(sweep, joint, title=f"{label}, {args.optimizer} schedule-free, {args.steps} "
+                                                  "steps: held-out loss at x (stars: joint optima)")
+    _write_whole(out / f"{stem}.png", lambda path: plots.save_figure(figure, path))
+    fmt = {"grid_lr": "{:.3g}".format, "lr_opt": "{:.3g}".format, "log2_lr_opt": "{:.2f}".format,
+           "best_loss": "{:.3f}".format, "drift_octaves": "{:.2f}".format, "trend": "{:.2f}".format,
+           "weight_decay_opt": "{:g}".format, "wd_drift_octaves": "{:.2f}".format}
+    print("Joint optimum of learning rate and weight decay per width (grid minimum; lr refined by a "
+          "parabola at the best weight decay):")
+    print(joint.to_string(index=False, formatters=fmt))
+    print("\nDrift of the joint optimum across widths (octaves = factors of 2):")
+    print(drift.to_string(index=False, formatters=fmt))
+    print(f"\nwrote {stem}.csv, {stem}_optima.csv and {stem}.png to {out.resolve()}/ "
           f"in {time.perf_counter() - start:.1f} s")
     return 0
 

@@ -285,6 +285,7 @@ def run_transfer(
     device: str | torch.device = "cpu",
     progress: bool = False,
     eval_steps: Sequence[int] | None = None,
+    weight_decays: Sequence[float] | None = None,
 ) -> pd.DataFrame:
     """Learning-rate sweep of a named optimizer on a text task, in SP and in muP.
 
@@ -305,6 +306,8 @@ def run_transfer(
         device: where to train.
         progress: show tqdm progress bars.
         eval_steps: also evaluate every run at these step counts (an anytime sweep).
+        weight_decays: also sweep these weight decays (a 2-D grid; see
+            ``coord_checks.transfer.fit_joint_optima``).
 
     Returns:
         The sweep frame (``coord_checks.transfer.SWEEP_COLUMNS``).
@@ -330,8 +333,8 @@ def run_transfer(
     frames = [
         sweep_learning_rates(
             model_factory=lambda w, p=parametrization: task.build(w, p),
-            optimizer_factory=lambda params, lr, p=parametrization: optimizer_factory(
-                optimizer, p, lr
+            optimizer_factory=lambda params, lr, p=parametrization, **decay: optimizer_factory(
+                optimizer, p, lr, **decay
             )(params),
             widths=list(widths),
             lrs=list(lrs),
@@ -344,6 +347,7 @@ def run_transfer(
             parametrization=parametrization,
             progress=progress,
             eval_steps=eval_steps,
+            weight_decays=weight_decays,
         )
         for parametrization in parametrizations
     ]

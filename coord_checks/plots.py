@@ -296,6 +296,65 @@ def plot_anytime(optima: pd.DataFrame, title: str | None = None) -> Figure:
     return fig
 
 
+def plot_lr_wd(sweep: pd.DataFrame, joint: pd.DataFrame | None = None, loss: str = "eval_loss",
+               title: str | None = None) -> Figure:
+    """Learning rate x weight decay figure: a loss heat map per parametrization (rows) and width (columns).
+
+    Darker is lower loss, on one colour scale for the whole figure (clipped at the 90th percentile
+    so that diverged corners do not wash it out; diverged cells are left white). With ``joint``
+    (from ``coord_checks.transfer.fit_joint_optima``) the grid cell of each joint optimum is
+    starred: stars in the same cell across a row mean the pair transfers.
+
+    Args:
+        sweep: a frame from ``sweep_learning_rates(..., weight_decays=...)``.
+        joint: optional joint optima.
+        loss: which loss column to draw.
+        title: figure title.
+
+    Returns:
+        The figure.
+    """
+    params = _ordered(sweep["parametrization"], ("sp", "mup"))
+    widths = sorted(sweep["width"].unique())
+    lrs = sorted(sweep["lr"].unique())
+    decays = sorted(sweep["weight_decay"].unique())
+    surfaces = sweep.groupby(["parametrization", "width", "weight_decay", "lr"])[loss].mean()
+    finite = surfaces[np.isfinite(surfaces.to_numpy())]
+    low = float(finite.min()) if len(finite) else 0.0
+    high = float(finite.quantile(0.9)) if len(finite) else 1.0
+    with matplotlib.rc_context(_STYLE):
+        fig = Figure(figsize=(2.6 * len(widths) + 1.6, 2.2 * len(params) + 0.8), layout="constrained")
+        axes = fig.subplots(len(params), len(widths), sharex=True, sharey=True, squeeze=False)
+        image = None
+        for r, param in enumerate(params):
+            for c, width in enumerate(widths):
+                ax = axes[r, c]
+                grid = np.full((len(decays), len(lrs)), np.nan)
+                for (wd, lr), value in surfaces.get((param, width), pd.Series(dtype=float)).items():
+                    grid[decays.index(wd), lrs.index(lr)] = value
+                image = ax.imshow(np.ma.masked_invalid(grid), origin="lower", aspect="auto",
+                                  cmap="viridis", vmin=low, vmax=max(high, low + 1e-6))
+                if joint is not None:
+                    match = joint[(joint["parametrization"] == param) & (joint["width"] == width)]
+                    for _, row in match.iterrows():
+                        column = int(np.argmin(np.abs(np.log2(lrs) - math.log2(row["grid_lr"]))))
+                        ax.plot([column], [decays.index(row["weight_decay_opt"])],
+                                marker="*", ms=11, color="white", mec="black", mew=0.6)
+                ax.set_title(f"{_PARAM_TITLES.get(param, param)}, width {width}")
+                ax.grid(False)
+                if r == len(params) - 1:
+                    ax.set_xticks(range(len(lrs)), [f"{lr:.2g}" for lr in lrs], rotation=60)
+                    ax.set_xlabel("learning rate")
+                if c == 0:
+                    ax.set_yticks(range(len(decays)), [f"{wd:g}" for wd in decays])
+                    ax.set_ylabel("weight decay")
+        if image is not None:
+            fig.colorbar(image, ax=axes, shrink=0.8, label=f"{loss.replace('_', ' ')} at x")
+        if title:
+            fig.suptitle(title)
+    return fig
+
+
 def save_figure(fig: Figure, path: str | Path, dpi: int = 120) -> Path:
     """Write a figure as PNG, creating the folder if needed.
 

@@ -180,6 +180,7 @@ def sweep_learning_rates(
     parametrization: str = "mup",
     progress: bool = False,
     eval_steps: Sequence[int] | None = None,
+    weight_decays: Sequence[float] | None = None,
 ) -> pd.DataFrame:
     """Train every (width, lr, seed) for a fixed budget and record the held-out loss at x.
 
@@ -199,14 +200,17 @@ def sweep_learning_rates(
         progress: show a tqdm progress bar over runs (on a terminal).
         eval_steps: step counts at which every run is also evaluated at x (an anytime sweep);
             ``steps`` is always one of them.
+        weight_decays: if given, a second grid axis: ``optimizer_factory`` is called as
+            ``(params, lr, weight_decay=wd)`` for every ``wd`` (see ``fit_joint_optima``).
 
     Returns:
-        A DataFrame with columns ``SWEEP_COLUMNS``, one row per evaluation (``diverged`` marks
-        runs whose loss became non-finite by then; their losses are ``nan``).
+        A DataFrame with columns ``SWEEP_COLUMNS`` (and ``weight_decay`` after ``log2_lr`` when
+        weight decays are swept), one row per evaluation (``diverged`` marks runs whose loss became
+        non-finite by then; their losses are ``nan``).
 
     Raises:
         ValueError: for bad widths, an empty or non-positive lr grid, ``steps < 1``, missing
-            batches, or ``eval_steps`` outside 1 .. ``steps``.
+            batches, ``eval_steps`` outside 1 .. ``steps``, or a negative or empty weight-decay grid.
     """
     widths = check_widths(widths)
     if not lrs or any(not lr > 0 for lr in lrs):
@@ -220,25 +224,31 @@ def sweep_learning_rates(
     eval_at = sorted({*(eval_steps or ()), steps})
     if any(isinstance(t, bool) or not isinstance(t, int) or not 1 <= t <= steps for t in eval_at):
         raise ValueError(f"eval_steps must be ints in 1..{steps}, got {list(eval_steps or ())}")
+    if weight_decays is not None and (not weight_decays or any(not wd >= 0 for wd in weight_decays)):
+        raise ValueError(f"weight_decays must be a non-empty list of non-negative numbers, got {weight_decays}")
     device = torch.device(device)
     train_batches = [(x.to(device), y.to(device)) for x, y in train_batches]
     eval_batches = [(x.to(device), y.to(device)) for x, y in eval_batches]
 
     records = []
-    runs = list(itertools.product(widths, lrs, seeds))
+    runs = list(itertools.product(widths, lrs, [None] if weight_decays is None else weight_decays, seeds))
     bar = tqdm(runs, desc=f"lr sweep [{parametrization}]", leave=False,
                disable=None if progress else True)
     with torch.random.fork_rng(devices=rng_devices(device)):
-        for width, lr, seed in bar:
+        for width, lr, wd, seed in bar:
             torch.manual_seed(seed)
             model = model_factory(width).to(device)
-            optimizer = optimizer_factory(model.parameters(), lr)
+            decay = {} if wd is None else {"weight_decay": wd}
+            optimizer = optimizer_factory(model.parameters(), lr, **decay)
             for step, train_loss, eval_loss in train_and_evaluate_at(
                 model, optimizer, train_batches, eval_batches, loss_fn, eval_at
             ):
-                records.append((parametrization, width, lr, math.log2(lr), seed, step, train_loss,
-                                eval_loss, math.isnan(eval_loss)))
-    return pd.DataFrame(records, columns=list(SWEEP_COLUMNS))
+                records.append((parametrization, width, lr, math.log2(lr), *decay.values(), seed, step,
+                                train_loss, eval_loss, math.isnan(eval_loss)))
+    columns = list(SWEEP_COLUMNS)
+    if weight_decays is not None:
+        columns.insert(columns.index("log2_lr") + 1, "weight_decay")
+    return pd.DataFrame(records, columns=columns)
 
 
 def parabola_vertex(log2_lrs: Sequence[float], losses: Sequence[float]) -> float:
@@ -288,14 +298,15 @@ def fit_optima(sweep: pd.DataFrame, half_window: int = 1, loss: str = "eval_loss
 
     Raises:
         ValueError: if ``half_window < 1``, a width has no finite loss, or the sweep holds several
-            steps and ``by`` does not include ``step``.
+            steps or weight decays and ``by`` does not include that column.
     """
     if half_window < 1:
         raise ValueError(f"half_window must be at least 1, got {half_window}")
     by = list(by)
-    if "step" in sweep.columns and "step" not in by and sweep["step"].nunique() > 1:
-        raise ValueError(f"sweep holds steps {sorted(sweep['step'].unique())}: pass by=(..., 'step') "
-                         "or select one step")
+    for column in ("step", "weight_decay"):
+        if column in sweep.columns and column not in by and sweep[column].nunique() > 1:
+            raise ValueError(f"sweep holds several {column} values {sorted(sweep[column].unique())}: pass "
+                             f"by=(..., {column!r}), select one, or use fit_joint_optima")
     records = []
     for key, rows in sweep.groupby([*by, "width"], sort=False):
         *labels, width = key
@@ -356,3 +367,68 @@ def optimum_drift(optima: pd.DataFrame, by: Sequence[str] = ("parametrization",)
             }
         )
     return pd.DataFrame(records)
+
+
+def fit_joint_optima(sweep: pd.DataFrame, by: Sequence[str] = ("parametrization",),
+                     loss: str = "eval_loss") -> pd.DataFrame:
+    """Joint optimum of learning rate and weight decay per width, from a 2-D sweep.
+
+    The seed-mean loss is minimised over the (lr, weight decay) grid; the learning rate is then
+    refined by ``fit_optima``'s parabola along the lr axis at the best weight decay. The weight
+    decay is reported as its grid value.
+
+    Args:
+        sweep: a frame from ``sweep_learning_rates(..., weight_decays=...)``.
+        by: the columns that, with ``width``, make one grid.
+        loss: which loss column to use.
+
+    Returns:
+        One row per (``*by``, width): ``weight_decay_opt``, ``grid_lr``, ``log2_lr_opt``, ``lr_opt``,
+        ``best_loss``, ``at_edge`` (the lr optimum at the lr grid's edge) and ``wd_at_edge`` (the
+        best weight decay is the grid's smallest or largest and the grid has more than one).
+
+    Raises:
+        ValueError: if the sweep has no ``weight_decay`` column or a grid has no finite loss.
+    """
+    if "weight_decay" not in sweep.columns:
+        raise ValueError("sweep has no weight_decay column: sweep with weight_decays=[...]")
+    by = list(by)
+    records = []
+    for key, rows in sweep.groupby([*by, "width"], sort=False):
+        surface = rows.groupby(["weight_decay", "lr"])[loss].mean()
+        finite = surface[np.isfinite(surface.to_numpy())]
+        if finite.empty:
+            raise ValueError(f"no finite {loss} for {dict(zip([*by, 'width'], key))}")
+        best_wd = float(finite.idxmin()[0])
+        line = rows[rows["weight_decay"] == best_wd].drop(columns="weight_decay")
+        optimum = fit_optima(line, by=by, loss=loss).iloc[0].to_dict()
+        decays = sorted(rows["weight_decay"].unique())
+        records.append({**optimum, "weight_decay_opt": best_wd,
+                        "wd_at_edge": len(decays) > 1 and best_wd in (decays[0], decays[-1])})
+    columns = [*by, "width", "weight_decay_opt", "grid_lr", "log2_lr_opt", "lr_opt", "best_loss",
+               "at_edge", "wd_at_edge"]
+    return pd.DataFrame(records)[columns]
+
+
+def joint_drift(joint: pd.DataFrame, by: Sequence[str] = ("parametrization",)) -> pd.DataFrame:
+    """How far the joint (lr, weight decay) optimum moves across widths.
+
+    Args:
+        joint: a frame from ``fit_joint_optima``.
+        by: its grouping columns.
+
+    Returns:
+        ``optimum_drift``'s columns for the learning rate, plus ``wd_drift_octaves`` (log2 of the
+        largest over the smallest optimal weight decay; ``inf`` if it is 0 at some widths only,
+        0 if it is 0 at all) and ``wd_opt_range`` (smallest and largest, as text).
+    """
+    drift = optimum_drift(joint, by=by)
+    extra = []
+    for _, rows in joint.groupby(list(by), sort=False):
+        decays = rows["weight_decay_opt"].to_numpy(dtype=float)
+        low, high = float(decays.min()), float(decays.max())
+        octaves = 0.0 if high == low else (math.inf if low == 0 else math.log2(high / low))
+        extra.append((octaves, f"{low:g} .. {high:g}"))
+    drift["wd_drift_octaves"] = [octaves for octaves, _ in extra]
+    drift["wd_opt_range"] = [text for _, text in extra]
+    return drift
