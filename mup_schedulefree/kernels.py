@@ -25,12 +25,13 @@ implementation built from torch's ``_foreach`` operations; with ``foreach=False`
 same operations one tensor at a time, which is faster on CPU. Either way temporaries are bounded:
 by one tensor, or by a run of FOREACH_BUCKET_NUMEL elements.
 When ``fused`` is requested and the native CPU kernels are available (see ``native.py``),
-supported tensors take the single-pass path instead.
+supported tensors take the single-pass path instead. :func:`route` is the one place that decides
+which path each tensor takes.
 """
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Callable, Sequence, TypeVar
+from typing import Callable, NamedTuple, Sequence, TypeVar
 
 import torch
 
@@ -95,25 +96,101 @@ def _native():
     return native if native.available() else None
 
 
+class Route(NamedTuple):
+    """Parallel sub-lists that take one path: "native" (the fused C kernels), "foreach" or "loop" (eager).
+
+    ``rows`` are their indices in the lists given to :func:`route`.
+    """
+
+    path: str
+    lists: list[list[torch.Tensor]]
+    masters: list[torch.Tensor] | None
+    rows: list[int]
+
+
+def route(lists: Sequence[Tensors], *, fused: bool | None, foreach: bool | None, masters: Tensors | None = None,
+          low_precision_grads: bool = False) -> list[Route]:
+    """Decide which path each row of parallel tensor lists takes: the one place this is decided.
+
+    Rows are bucketed by the device and dtype of ``lists[0]``. In a bucket, ``fused`` (None: on
+    for CPU tensors) sends to the native kernels every row they can take, when they are built:
+    float32 rows (``native.supports``), or low-precision parameters with float32 ``masters``
+    (``native.supports_low_precision``; with ``low_precision_grads`` the second list, the
+    gradients, has the parameters' dtype). Every other row takes the eager path: ``_foreach``
+    operations when ``foreach`` (None: on for tensors off the CPU), else one tensor at a time.
+
+    Args:
+        lists: parallel lists of tensors; the first holds the tensors updated in place.
+        fused: the group's ``fused`` flag (None, True or False).
+        foreach: the group's ``foreach`` flag (None, True or False).
+        masters: float32 masters of ``lists[0]`` (entries None where there is none), or None.
+        low_precision_grads: with masters, ``lists[1]`` has the parameters' dtype.
+
+    Returns:
+        The routes, native ones first in each bucket; empty routes are left out.
+    """
+    count = len(lists[0])
+    master_column = list(masters) if masters is not None else [None] * count
+    routes = []
+    for *bucket, kept, indices in group_by_device_and_dtype([*lists, master_column, list(range(count))]):
+        on_cpu = bucket[0][0].device.type == "cpu"
+        eager = "foreach" if (not on_cpu if foreach is None else foreach) else "loop"
+        has_masters = kept[0] is not None
+        lib = _native() if (on_cpu if fused is None else fused) else None
+        if lib is None:
+            routes.append(Route(eager, bucket, kept if has_masters else None, indices))
+            continue
+        if has_masters:
+            low = [0, 1] if low_precision_grads else [0]
+            fits = [all(lib.supports_low_precision(column[i]) for column in (bucket[j] for j in low))
+                    and lib.supports(kept[i])
+                    and all(lib.supports(column[i]) for j, column in enumerate(bucket) if j not in low)
+                    for i in range(len(kept))]
+        else:
+            fits = [all(lib.supports(t) for t in row) for row in zip(*bucket)]
+        for path, wanted in (("native", True), (eager, False)):
+            rows = [i for i, ok in enumerate(fits) if ok is wanted]
+            if rows:
+                routes.append(Route(path, [[column[i] for i in rows] for column in bucket],
+                                    [kept[i] for i in rows] if has_masters else None, [indices[i] for i in rows]))
+    return routes
+
+
 def _dispatch(native_name: str, eager: Callable[..., None], lists: Sequence[Tensors], scalars: dict[str, float],
-              foreach: bool, fused: bool, native_scalars: dict[str, float] | None = None,
+              foreach: bool | None, fused: bool | None, native_scalars: dict[str, float] | None = None,
               masters: Tensors | None = None) -> None:
-    """Run ``native.<native_name>`` on the supported tensors when ``fused``, and ``eager`` on the rest.
+    """Run each :func:`route` of the lists: ``native.<native_name>`` (``<...>lp_`` with masters) or ``eager``.
 
     ``native_scalars`` (default: ``scalars``) are the keyword arguments of the native function. With
-    ``masters``, ``lists[0]`` holds low-precision parameters whose float32 masters the math updates
-    (see :func:`with_masters`); the native function is then ``<native_name>lp_``.
+    ``masters``, ``lists[0]`` holds low-precision parameters whose float32 masters the math updates:
+    natively in one pass; eagerly, written parameters are adopted (:func:`adopt_written_`), ``eager``
+    runs on the masters with the gradients widened to float32, and each parameter gets its master
+    rounded to its dtype. Both give the same bits.
     """
-    if masters is not None:
-        with_masters(native_name, eager, lists, masters, scalars, foreach, fused, native_scalars)
-        return
-    lib = _native() if fused else None
-    if lib is not None:
-        fast, lists = lib.split_supported(lists)
-        if fast[0]:
-            getattr(lib, native_name)(*fast, **(scalars if native_scalars is None else native_scalars))
-    if lists[0]:
-        _batched(eager, lists, foreach, **scalars)
+    is_step = native_name != "lerp_"
+    for path, sub, kept, _ in route(lists, fused=fused, foreach=foreach, masters=masters,
+                                    low_precision_grads=is_step):
+        if path == "native":
+            lib = _native()
+            kwargs = dict(scalars if native_scalars is None else native_scalars)
+            if kept is None:
+                getattr(lib, native_name)(*sub, **kwargs)
+            elif not is_step:
+                lib.lerp_lp_(sub[0], kept, *sub[1:], **kwargs)
+            else:
+                closure = native_name.endswith("closure_step_")
+                getattr(lib, native_name.replace("closure_step_", "step_") + "lp_")(
+                    sub[0], sub[1], kept, *sub[2:], **kwargs, closure_form=closure)
+        elif kept is None:
+            _batched(eager, sub, path == "foreach", **scalars)
+        else:
+            params, rest = sub[0], [list(column) for column in sub[1:]]
+            adopt_written_(params, kept)
+            if is_step:
+                rest[0] = [g if g.dtype == m.dtype else g.to(m.dtype) for g, m in zip(rest[0], kept)]
+            _batched(eager, [kept, *rest], path == "foreach", **scalars)
+            for p, master in zip(params, kept):
+                p.copy_(master)
 
 
 def adopt_written_(params: Tensors, masters: Tensors) -> None:
@@ -129,60 +206,6 @@ def adopt_written_(params: Tensors, masters: Tensors) -> None:
     for p, master in zip(params, masters):
         if not torch.equal(p, master.to(p.dtype)):
             master.copy_(p)
-
-
-def with_masters(native_name: str, eager: Callable[..., None], lists: Sequence[Tensors], masters: Tensors,
-                 scalars: dict[str, float], foreach: bool, fused: bool,
-                 native_scalars: dict[str, float] | None = None) -> None:
-    """Run a step or move on low-precision parameters (``lists[0]``) through their float32 masters.
-
-    Fused (native ``<native_name>lp_``, one pass, no temporaries) where the parameters, their
-    gradients and the float32 tensors are supported; elsewhere eagerly: written parameters are
-    adopted (:func:`adopt_written_`), ``eager`` runs on the masters with the gradients widened to
-    float32, and each parameter gets its master rounded to its dtype. Both give the same bits.
-
-    Args:
-        native_name: the float32 native function's name (``adam_sf_step_``, ``lerp_``...).
-        eager: the eager implementation, on float32 lists.
-        lists: [parameters, then the op's other lists]; for steps the second is the gradients.
-        masters: the parameters' float32 masters.
-        scalars: keyword arguments of ``eager``.
-        foreach: eager path with ``_foreach`` operations.
-        fused: take the native path where supported.
-        native_scalars: keyword arguments of the native function (default: ``scalars``).
-    """
-    lib = _native() if fused else None
-    params, rest = list(lists[0]), [list(column) for column in lists[1:]]
-    masters = list(masters)
-    if lib is not None:
-        # A step's lists are [params, grads, zs, *moments]; a move's are [params, ends].
-        grads_low = native_name != "lerp_"
-        keep = [i for i in range(len(params)) if lib.supports_low_precision(params[i]) and lib.supports(masters[i])
-                and (not grads_low or lib.supports_low_precision(rest[0][i]))
-                and all(lib.supports(column[i]) for column in rest[1 if grads_low else 0:])]
-        if keep:
-            pick = lambda column: [column[i] for i in keep]  # noqa: E731
-            fast = [pick(params), *(pick(c) for c in rest)]
-            fast.insert(2 if grads_low else 1, pick(masters))
-            kwargs = dict(scalars if native_scalars is None else native_scalars)
-            if native_name == "lerp_":
-                lib.lerp_lp_(*fast, **kwargs)
-            else:
-                closure = native_name.endswith("closure_step_")
-                getattr(lib, native_name.replace("closure_step_", "step_") + "lp_")(*fast, **kwargs,
-                                                                                    closure_form=closure)
-            chosen = set(keep)
-            params = [t for i, t in enumerate(params) if i not in chosen]
-            masters = [t for i, t in enumerate(masters) if i not in chosen]
-            rest = [[t for i, t in enumerate(column) if i not in chosen] for column in rest]
-    if not params:
-        return
-    adopt_written_(params, masters)
-    if native_name != "lerp_":
-        rest[0] = [g if g.dtype == m.dtype else g.to(m.dtype) for g, m in zip(rest[0], masters)]
-    _batched(eager, [masters, *rest], foreach, **scalars)
-    for p, master in zip(params, masters):
-        p.copy_(master)
 
 
 def _direction_adam(
@@ -254,8 +277,8 @@ def adam_step_(
     bias_correction2: float,
     adaptive: bool = True,
     closure_form: bool = False,
-    foreach: bool = False,
-    fused: bool = False,
+    foreach: bool | None = False,
+    fused: bool | None = False,
     masters: Tensors | None = None,
 ) -> None:
     """One schedule-free Adam step (AdamW-SF, and RAdam-SF with ``adaptive`` from its rectification).
@@ -274,8 +297,9 @@ def adam_step_(
         bias_correction2: 1 - beta2^(k+1).
         adaptive: divide by the second-moment root (False during RAdam's early steps).
         closure_form: tensors in ``ys`` hold y on entry and must hold x on exit.
-        foreach: use list-wide ``_foreach`` operations instead of a per-tensor loop.
-        fused: use the native single-pass kernel for supported (CPU float32 contiguous) tensors.
+        foreach: use list-wide ``_foreach`` operations instead of a per-tensor loop on the eager
+            path (None: for tensors off the CPU; see :func:`route`).
+        fused: use the native single-pass kernel for the tensors it takes (None: on the CPU).
         masters: float32 master copies of ``ys``, which are then bfloat16/float16 parameters (with
             gradients of their dtype): the math runs on the masters, and ``ys`` get them rounded.
     """
@@ -296,8 +320,8 @@ def sgd_step_(
     weight_decay: float,
     ckp1: float,
     closure_form: bool = False,
-    foreach: bool = False,
-    fused: bool = False,
+    foreach: bool | None = False,
+    fused: bool | None = False,
     masters: Tensors | None = None,
 ) -> None:
     """One schedule-free SGD step.
@@ -311,8 +335,9 @@ def sgd_step_(
         weight_decay: decay coefficient, applied at y and scaled by ``lr``.
         ckp1: averaging weight of the new z into x.
         closure_form: tensors in ``ys`` hold y on entry and must hold x on exit.
-        foreach: use list-wide ``_foreach`` operations instead of a per-tensor loop.
-        fused: use the native single-pass kernel for supported (CPU float32 contiguous) tensors.
+        foreach: use list-wide ``_foreach`` operations instead of a per-tensor loop on the eager
+            path (None: for tensors off the CPU; see :func:`route`).
+        fused: use the native single-pass kernel for the tensors it takes (None: on the CPU).
         masters: float32 master copies of ``ys``, which are then bfloat16/float16 parameters (see
             :func:`adam_step_`).
     """
@@ -326,7 +351,7 @@ def _eager_lerp(starts, ends, *, weight) -> None:
     torch._foreach_lerp_(starts, ends, weight)
 
 
-def lerp_(starts: Tensors, ends: Tensors, weight: float, *, foreach: bool = False, fused: bool = False,
+def lerp_(starts: Tensors, ends: Tensors, weight: float, *, foreach: bool | None = False, fused: bool | None = False,
           masters: Tensors | None = None) -> None:
     """starts <- starts + weight * (ends - starts), in place (the train()/eval() switches).
 
@@ -334,8 +359,8 @@ def lerp_(starts: Tensors, ends: Tensors, weight: float, *, foreach: bool = Fals
         starts: tensors moved in place.
         ends: targets; read only.
         weight: interpolation weight (may lie outside [0, 1]).
-        foreach: use one ``_foreach_lerp_`` over the lists.
-        fused: use the native kernel for supported tensors.
+        foreach: use one ``_foreach_lerp_`` over the lists (None: off the CPU).
+        fused: use the native kernel for the tensors it takes (None: on the CPU).
         masters: float32 master copies of ``starts``, which are then bfloat16/float16 parameters:
             the masters move, and ``starts`` get them rounded (see :func:`adam_step_`).
     """
@@ -358,8 +383,8 @@ def _eager_wrapper_exit(params, zs, *, ckp1, to_y) -> None:
     torch._foreach_copy_(params, ys)
 
 
-def wrapper_enter_(params: Tensors, zs: Tensors, *, decay: float, momentum: float, foreach: bool = False,
-                   fused: bool = False) -> None:
+def wrapper_enter_(params: Tensors, zs: Tensors, *, decay: float, momentum: float, foreach: bool | None = False,
+                   fused: bool | None = False) -> None:
     """ScheduleFreeWrapper, before the base step: put z in the parameters and keep x in the z slots.
 
     With d = decay:  z <- z - d y;  y <- (1 - d (1 - momentum)) y   (decay taken at y, if d != 0)
@@ -370,15 +395,15 @@ def wrapper_enter_(params: Tensors, zs: Tensors, *, decay: float, momentum: floa
         zs: the wrapper's z slots; hold x on return.
         decay: lr times the decay coefficient taken at y.
         momentum: interpolation y = (1 - momentum) z + momentum x.
-        foreach: use list-wide ``_foreach`` operations instead of a per-tensor loop.
-        fused: use the native single-pass kernel for supported tensors (no temporaries).
+        foreach: use list-wide ``_foreach`` operations instead of a per-tensor loop (None: off the CPU).
+        fused: use the native single-pass kernel for supported tensors, no temporaries (None: on the CPU).
     """
     scalars = dict(decay=decay, y_scale=1.0 - decay * (1.0 - momentum), to_x=1.0 - 1.0 / momentum)
     _dispatch("wrapper_enter_", _eager_wrapper_enter, [params, zs], scalars, foreach, fused)
 
 
-def wrapper_exit_(params: Tensors, zs: Tensors, *, ckp1: float, momentum: float, foreach: bool = False,
-                  fused: bool = False) -> None:
+def wrapper_exit_(params: Tensors, zs: Tensors, *, ckp1: float, momentum: float, foreach: bool | None = False,
+                  fused: bool | None = False) -> None:
     """ScheduleFreeWrapper, after the base step: average z into x, form y, and put z back.
 
     x <- lerp(x, z, ckp1);  y <- lerp(x, z, 1 - momentum);  p <- y;  zslot <- z.
@@ -388,8 +413,8 @@ def wrapper_exit_(params: Tensors, zs: Tensors, *, ckp1: float, momentum: float,
         zs: the wrapper's z slots holding x; hold z on return.
         ckp1: averaging weight of the new z into x.
         momentum: interpolation y = (1 - momentum) z + momentum x.
-        foreach: use list-wide ``_foreach`` operations instead of a per-tensor loop.
-        fused: use the native single-pass kernel for supported tensors (no temporaries).
+        foreach: use list-wide ``_foreach`` operations instead of a per-tensor loop (None: off the CPU).
+        fused: use the native single-pass kernel for supported tensors, no temporaries (None: on the CPU).
     """
     _dispatch("wrapper_exit_", _eager_wrapper_exit, [params, zs], dict(ckp1=ckp1, to_y=1.0 - momentum),
               foreach, fused)
@@ -404,6 +429,8 @@ def group_by_device_and_dtype(lists: Sequence[Tensors]) -> list[list[list[torch.
     Returns:
         One entry per (device, dtype) of ``lists[0]``, each a list of parallel sub-lists.
     """
+    if not lists[0]:
+        return []
     if lists[0]:
         device, dtype = lists[0][0].device, lists[0][0].dtype
         if all(t.device == device and t.dtype is dtype for t in lists[0]):  # the common case, one bucket

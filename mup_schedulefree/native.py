@@ -425,29 +425,6 @@ def supports_low_precision(t: torch.Tensor) -> bool:
     return t.dtype in LOW_PRECISION_CODES and _plain(t)
 
 
-class _Checked(list):
-    """A list whose tensors ``split_supported`` has already checked with ``supports``."""
-
-
-def split_supported(lists: Sequence[Tensors]) -> tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]]:
-    """Split parallel lists into (supported, rest) by whether every tensor of an index is supported.
-
-    Args:
-        lists: parallel lists of tensors, as passed to one of the float32 step functions.
-
-    Returns:
-        Two lists of parallel lists: the indices the native functions can take (marked as checked, so
-        they are not checked again) and the indices that must take the eager path.
-    """
-    fast: list[list[torch.Tensor]] = [_Checked() for _ in lists]
-    rest: list[list[torch.Tensor]] = [[] for _ in lists]
-    for items in zip(*lists):
-        target = fast if all(supports(t) for t in items) else rest
-        for column, t in zip(target, items):
-            column.append(t)
-    return fast, rest
-
-
 def _check_lists(op: Op, lists: Sequence[Tensors]) -> torch.dtype | None:
     """Raise unless ``lists`` fit ``op`` (counts, kinds, sizes); returns the low-precision dtype, if any."""
     names = [t.name for t in op.tensors]
@@ -461,13 +438,13 @@ def _check_lists(op: Op, lists: Sequence[Tensors]) -> torch.dtype | None:
         if arg.kind == "low":
             for i, t in enumerate(ts):
                 if not supports_low_precision(t):
-                    raise TypeError(f"{arg.name}[{i}] is not a contiguous CPU bfloat16/float16 tensor "
-                                    f"(got {type(t).__name__}, {t.dtype}, {t.device}); check supports_low_precision() first")
+                    raise TypeError(f"{arg.name}[{i}] is not a contiguous CPU bfloat16/float16 tensor (got "
+                                    f"{type(t).__name__}, {t.dtype}, {t.device}); check supports_low_precision() first")
                 if low is None:
                     low = t.dtype
                 elif t.dtype is not low:
                     raise TypeError(f"{arg.name}[{i}] is {t.dtype}, expected {low} like {names[0]}[0]")
-        elif not isinstance(ts, _Checked):
+        else:
             for i, t in enumerate(ts):
                 if not supports(t):
                     raise TypeError(f"{arg.name}[{i}] is not a contiguous CPU float32 tensor "

@@ -219,9 +219,6 @@ def test_only_contiguous_cpu_float32_tensors_are_supported():
     assert native.supports(ok) and native.supports(torch.nn.Parameter(ok))
     for name, t in rejected.items():
         assert not native.supports(t), name
-    lists = [[ok, rejected["transposed"], ok, ok], [ok, ok, rejected["float64"], ok]]
-    fast, rest = native.split_supported(lists)
-    assert [len(column) for column in fast] == [2, 2] and rest == [[rejected["transposed"], ok], [ok, rejected["float64"]]]
 
 
 @needs_native

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import operator
 from itertools import chain
-from typing import Any, Callable, Iterable, Iterator, NamedTuple
+from typing import Any, Callable, Iterable, NamedTuple
 
 import torch
 from torch.optim import Optimizer
@@ -61,28 +61,6 @@ def describe_parameter(group: dict[str, Any], index: int, p: torch.Tensor) -> st
     if names is not None and index < len(names):
         return f"parameter {names[index]!r} (shape {tuple(p.shape)})"
     return f"parameter {index} of its group (shape {tuple(p.shape)})"
-
-
-def kernel_buckets(group: dict[str, Any], lists: list[list[torch.Tensor]], prefix: str = ""
-                   ) -> Iterator[tuple[list[list[torch.Tensor]], bool, bool]]:
-    """Parallel tensor lists split by device and dtype, each with the group's kernel flags for it.
-
-    The flags come from the group's ``fused``/``foreach`` entries; None (the default) means the
-    native kernels on CPU and ``_foreach`` operations on other devices.
-
-    Args:
-        group: a parameter group.
-        lists: parallel lists of tensors about to be updated.
-        prefix: prefix of the two keys in ``group`` (the wrapper's are ``sf_fused``/``sf_foreach``).
-
-    Yields:
-        (sub-lists sharing a device and dtype, take the fused path, use ``_foreach`` operations).
-    """
-    fused = group.get(prefix + "fused")
-    foreach = group.get(prefix + "foreach")
-    for bucket in kernels.group_by_device_and_dtype(lists):
-        on_cpu = bucket[0][0].device.type == "cpu"
-        yield bucket, on_cpu if fused is None else bool(fused), (not on_cpu) if foreach is None else bool(foreach)
 
 
 def check_betas(betas: Any, *, beta1_name: str = "betas[0]") -> None:
@@ -351,8 +329,9 @@ class ScheduleFreeCore(Optimizer):
         ``_advance(group)``: advance the group's schedule by one step (called once per group and
             step, with or without gradients) and return the kernel's scalar arguments.
         ``_kernel(lists, scalars, **flags, masters)``: apply the update to parallel lists
-            [points, grads, z, *moments] of one device and dtype (the points are low-precision
-            parameters whose float32 ``masters`` the math updates, when those are given).
+            [points, grads, z, *moments] (where a point's master is not None, the point is a
+            low-precision parameter whose float32 master the math updates); ``kernels.route``
+            decides the path of each tensor from the group's flags.
     A form (:class:`PrimalForm`, :class:`ClosureForm`) defines where the parameter sits and how
     ``step`` is driven.
     """
@@ -372,8 +351,8 @@ class ScheduleFreeCore(Optimizer):
     def _advance(self, group: dict[str, Any]) -> dict[str, Any]:
         raise NotImplementedError
 
-    def _kernel(self, lists: list[list[torch.Tensor]], scalars: dict[str, Any], *, fused: bool,
-                foreach: bool, closure_form: bool, masters: list[torch.Tensor] | None) -> None:
+    def _kernel(self, lists: list[list[torch.Tensor]], scalars: dict[str, Any], *, fused: bool | None,
+                foreach: bool | None, closure_form: bool, masters: list[torch.Tensor | None]) -> None:
         raise NotImplementedError
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -485,8 +464,9 @@ class ScheduleFreeCore(Optimizer):
         Built after a step that took the full path (validation, lazy state, bucketing); reused by
         :meth:`_cached_step_plans` while the group's parameters are the same objects with the same
         storage, the same of them have gradients, their state dicts hold the same tensors, its flags
-        are unchanged, and no group was added or state loaded. A parameter moved to another dtype or device gets new storage, so its
-        changed data pointer sends the step through the full path, which aligns the state.
+        are unchanged, and no group was added or state loaded. A parameter moved to another dtype
+        or device gets new storage, so its changed data pointer sends the step through the full
+        path, which aligns the state.
 
         Returns:
             The plan, or None if some parameter with a gradient has no state yet.
@@ -506,13 +486,14 @@ class ScheduleFreeCore(Optimizer):
         if lib is None or not self._native_op or any(p.is_complex() for p in active):
             return GroupPlan(**plan)
         calls = []
-        lists = self._lists(active)
-        for (*bucket, masters, rows), fused, _ in kernel_buckets(group, [*lists, list(range(len(active)))]):
-            if not fused:
+        *lists, masters = self._lists(active)
+        for path, bucket, kept, rows in kernels.route(lists, fused=group.get("fused"), foreach=group.get("foreach"),
+                                                       masters=masters, low_precision_grads=True):
+            if path != "native":
                 return GroupPlan(**plan)
             name, tensors = self._native_op, bucket
-            if masters[0] is not None:
-                name, tensors = name + "lp_", [bucket[0], bucket[1], masters, *bucket[2:]]
+            if kept is not None:
+                name, tensors = name + "lp_", [bucket[0], bucket[1], kept, *bucket[2:]]
             try:
                 calls.append((lib.Prepared(name, tensors, rebind=("grads",)), rows))
             except (TypeError, ValueError):  # a tensor the kernels cannot take: the full path splits it off
@@ -560,19 +541,18 @@ class ScheduleFreeCore(Optimizer):
         for p in params:
             self._align_state(group, p)
         masters = [self.state[p].get(MASTER) for p in params]
-        lists = [[real_view(local(p)) for p in params], [real_view(local(self.state[p]["z"])) for p in params],
-                 [None if m is None else real_view(local(m)) for m in masters]]
-        for (points, zs, kept), fused, foreach in kernel_buckets(group, lists):
-            kernels.lerp_(points, zs, weight, foreach=foreach, fused=fused, masters=None if kept[0] is None else kept)
+        kernels.lerp_([real_view(local(p)) for p in params], [real_view(local(self.state[p]["z"])) for p in params],
+                      weight, foreach=group.get("foreach"), fused=group.get("fused"),
+                      masters=[None if m is None else real_view(local(m)) for m in masters])
 
     def _step_group(self, group: dict[str, Any], params: list[torch.Tensor], closure_form: bool) -> None:
         """Advance the group's schedule once, then update the parameters that have gradients."""
         scalars = self._advance(group)
         for p in params:
             self._init_state(group, p)
-        for (*lists, masters), fused, foreach in kernel_buckets(group, self._lists(params)):
-            self._kernel(lists, scalars, fused=fused, foreach=foreach, closure_form=closure_form,
-                         masters=None if masters[0] is None else masters)
+        *lists, masters = self._lists(params)
+        self._kernel(lists, scalars, fused=group.get("fused"), foreach=group.get("foreach"), closure_form=closure_form,
+                     masters=masters)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load state as ``torch.optim.Optimizer`` does, keeping each state tensor's saved dtype.
@@ -695,9 +675,8 @@ class PrimalForm(ModalForm):
             for p in params:
                 self._align_state(group, p)
             copies = [self._point(p).detach().clone(memory_format=torch.preserve_format) for p in params]
-            lists = [[real_view(local(c)) for c in copies], [real_view(local(self.state[p]["z"])) for p in params]]
-            for (starts, zs), fused, foreach in kernel_buckets(group, lists):
-                kernels.lerp_(starts, zs, 1.0 - 1.0 / self._beta(group), foreach=foreach, fused=fused)
+            kernels.lerp_([real_view(local(c)) for c in copies], [real_view(local(self.state[p]["z"])) for p in params],
+                          1.0 - 1.0 / self._beta(group), foreach=group.get("foreach"), fused=group.get("fused"))
             points.update((p, c if c.dtype == p.dtype else c.to(p.dtype)) for p, c in zip(params, copies))
         return points
 

@@ -19,15 +19,15 @@ prefix (``weight_decay_at_y`` excepted) so they cannot collide with the base's.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 from torch.optim import Optimizer
 
 from .. import kernels
 from ..validation import check_range
-from .base import (SCHEDULE_DEFAULTS, advance_schedule, check_flags, check_saved_state, kernel_buckets, local,
-                   share_lr_ratios, train_mode_closure, upgrade_saved_group)
+from .base import (SCHEDULE_DEFAULTS, advance_schedule, check_flags, check_saved_state, local, share_lr_ratios,
+                   train_mode_closure, upgrade_saved_group)
 
 PREFIX = "sf_"
 
@@ -123,8 +123,7 @@ class ScheduleFreeWrapper(Optimizer):
                 continue
             beta = group[PREFIX + "momentum"]
             params = [p for p in group["params"] if "z" in self.state[p]]
-            for (points, zs), fused, foreach in self._pairs(group, params):
-                kernels.lerp_(points, zs, 1.0 - beta if to_train else 1.0 - 1.0 / beta, foreach=foreach, fused=fused)
+            kernels.lerp_(*self._pair(params), 1.0 - beta if to_train else 1.0 - 1.0 / beta, **self._flags(group))
             group[PREFIX + "train_mode"] = to_train
 
     @kernels.compile_disabled
@@ -144,21 +143,23 @@ class ScheduleFreeWrapper(Optimizer):
             if not group[PREFIX + "train_mode"] or not params:
                 continue
             copies = [p.detach().clone(memory_format=torch.preserve_format) for p in params]
-            lists = [[local(c) for c in copies], [local(self.state[p]["z"]) for p in params]]
-            for (starts, zs), fused, foreach in kernel_buckets(group, lists, PREFIX):
-                kernels.lerp_(starts, zs, 1.0 - 1.0 / group[PREFIX + "momentum"], foreach=foreach, fused=fused)
+            kernels.lerp_([local(c) for c in copies], [local(self.state[p]["z"]) for p in params],
+                          1.0 - 1.0 / group[PREFIX + "momentum"], **self._flags(group))
             points.update(zip(params, copies))
         return points
 
-    def _pairs(self, group: dict[str, Any], params: list[torch.Tensor]) -> Iterator[tuple[list, bool, bool]]:
-        """([points, z slots], fused, foreach) per device and dtype, on local shards of DTensors."""
-        return kernel_buckets(group, [[local(p) for p in params], [local(self.state[p]["z"]) for p in params]], PREFIX)
+    def _pair(self, params: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The points and z slots of ``params``, as local shards of DTensors."""
+        return [local(p) for p in params], [local(self.state[p]["z"]) for p in params]
+
+    @staticmethod
+    def _flags(group: dict[str, Any]) -> dict[str, bool | None]:
+        """The wrapper's own kernel flags of ``group``, for ``kernels.route`` to resolve."""
+        return dict(fused=group.get(PREFIX + "fused"), foreach=group.get(PREFIX + "foreach"))
 
     def _leave(self, group: dict[str, Any], params: list[torch.Tensor], ckp1: float) -> None:
         """Average the new z (held by the parameters) into x (held by the z slots), form y, trade back."""
-        for (points, zs), fused, foreach in self._pairs(group, params):
-            kernels.wrapper_exit_(points, zs, ckp1=ckp1, momentum=group[PREFIX + "momentum"],
-                                  foreach=foreach, fused=fused)
+        kernels.wrapper_exit_(*self._pair(params), ckp1=ckp1, momentum=group[PREFIX + "momentum"], **self._flags(group))
 
     @kernels.compile_disabled
     @torch.no_grad()
@@ -193,9 +194,8 @@ class ScheduleFreeWrapper(Optimizer):
                 if "z" not in self.state[p]:
                     self.state[p]["z"] = p.detach().clone(memory_format=torch.preserve_format)
             decay = float(group["lr"]) * group["weight_decay_at_y"]
-            for (points, zs), fused, foreach in self._pairs(group, params):
-                kernels.wrapper_enter_(points, zs, decay=decay, momentum=group[PREFIX + "momentum"],
-                                       foreach=foreach, fused=fused)
+            kernels.wrapper_enter_(*self._pair(params), decay=decay, momentum=group[PREFIX + "momentum"],
+                                   **self._flags(group))
         try:
             self.base.step()
         except BaseException:
