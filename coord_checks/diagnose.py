@@ -16,8 +16,10 @@ group (muP factories then apply their own width scaling on top). At each width t
 swept one after the other (coordinate descent): each role's multiplier over the grid, with the
 roles already swept at their optimum and the rest at 1; ``rounds`` more passes repeat this with
 every other role at its latest optimum, and the last pass is what is reported. ``fit_optima`` and
-``optimum_drift`` (by role) say how far each role's optimum moves across widths, in octaves; the
-role that drifts most is the one whose muP scaling is wrong.
+``optimum_drift`` (by role) say how far each role's optimum moves across widths, in octaves, and
+``transfer_cost`` what that costs: the loss at the widest width with the smallest width's optimum,
+above the best. The role that drifts most, among those whose drift costs at least 1 % of the loss,
+is the one whose muP scaling is wrong.
 """
 from __future__ import annotations
 
@@ -39,6 +41,8 @@ from coord_checks.transfer import fit_optima, lr_grid, optimum_drift, train_and_
 ROLES: tuple[str, ...] = ("input", "hidden", "readout", "attention", "vector")
 #: Parts of module names that mark an attention module.
 ATTENTION_PARTS: tuple[str, ...] = ("attn", "attention")
+#: A role's drift counts when using the smallest width's optimum at the widest costs this share of the loss.
+MIN_RELATIVE_COST = 0.01
 DIAGNOSIS_COLUMNS: tuple[str, ...] = (
     "role", "width", "multiplier", "lr", "log2_lr", "seed", "train_loss", "eval_loss", "diverged"
 )
@@ -108,7 +112,8 @@ class Diagnosis(NamedTuple):
         sweep: one row per (role, width, multiplier, seed) (``DIAGNOSIS_COLUMNS``).
         optima: ``fit_optima`` by role: the optimal ``lr`` of each role per width, with
             ``multiplier_opt`` (its ratio to the base lr).
-        drift: ``optimum_drift`` by role, worst first.
+        drift: ``optimum_drift`` by role, largest drift first, with ``transfer_cost`` and
+            ``relative_cost`` (see ``transfer_cost``).
         rounds: the coordinate-descent passes after the first.
     """
 
@@ -118,9 +123,11 @@ class Diagnosis(NamedTuple):
     rounds: int
 
     @property
-    def worst_role(self) -> str:
-        """The role whose optimum drifts most across widths."""
-        return str(self.drift["role"].iloc[0])
+    def worst_role(self) -> str | None:
+        """The role whose optimum drifts most across widths, among roles whose drift costs at least
+        ``MIN_RELATIVE_COST`` of the loss (a drift along a flat curve breaks nothing); None if none does."""
+        costly = self.drift[self.drift["relative_cost"] >= MIN_RELATIVE_COST]
+        return None if costly.empty else str(costly["role"].iloc[0])
 
     def format(self) -> str:
         """One screen: optima per role and width, drift per role, and the worst role.
@@ -131,12 +138,18 @@ class Diagnosis(NamedTuple):
         fmt = {"grid_lr": "{:.3g}".format, "lr_opt": "{:.3g}".format, "log2_lr_opt": "{:.2f}".format,
                "multiplier_opt": "{:.3g}".format, "best_loss": "{:.3f}".format,
                "drift_octaves": "{:.2f}".format, "trend": "{:.2f}".format}
-        worst = self.drift.iloc[0]
-        trend = worst["trend"]
+        fmt.update(transfer_cost="{:.4f}".format, relative_cost="{:.1%}".format)
+        if self.worst_role is None:
+            headline = (f"Diagnosis: no role's drift costs {MIN_RELATIVE_COST:.0%} of the loss at the widest "
+                        "width: the learning rates transfer")
+        else:
+            worst = self.drift.set_index("role").loc[self.worst_role]
+            headline = (f"Diagnosis: the {self.worst_role} optimum drifts most, {worst['drift_octaves']:.2f} octaves "
+                        f"over {worst['width_ratio']:g}x width (trend {worst['trend']:+.2f}: the optimum moves "
+                        f"by a factor {2 ** worst['trend']:.2f} per doubling of width; using the smallest "
+                        f"width's optimum costs {worst['relative_cost']:.1%} loss at the widest)")
         return "\n".join([
-            f"Diagnosis: the {worst['role']} optimum drifts most, {worst['drift_octaves']:.2f} octaves over "
-            f"{worst['width_ratio']:g}x width (trend {trend:+.2f}: the optimum moves by a factor "
-            f"{2 ** trend:.2f} per doubling of width)",
+            headline,
             "  at each width, each role's lr multiplier swept in turn with the other roles at their "
             f"latest optimum ({self.rounds + 1} passes of coordinate descent; the last is reported)",
             "",
@@ -245,7 +258,7 @@ def diagnose(
                     curves = []
                     for role in roles:
                         curve = sweep(width, role, held)
-                        held[role] = float(_optima_or_raise(curve)["lr_opt"].iloc[0]) / lr
+                        held[role] = float(_optima_or_raise(curve, warn=False)["lr_opt"].iloc[0]) / lr
                         curves.append(curve)
                 frames += curves
     finally:
@@ -253,16 +266,39 @@ def diagnose(
     frame = pd.concat(frames, ignore_index=True)
     optima = _optima_or_raise(frame)
     optima["multiplier_opt"] = optima["lr_opt"] / lr
-    drift = optimum_drift(optima, by=("role",))
+    drift = optimum_drift(optima, by=("role",)).merge(transfer_cost(frame), on="role")
     drift = drift.sort_values("drift_octaves", ascending=False, kind="stable").reset_index(drop=True)
     return Diagnosis(frame, optima, drift, rounds)
 
 
-def _optima_or_raise(frame: pd.DataFrame) -> pd.DataFrame:
+def transfer_cost(sweep: pd.DataFrame) -> pd.DataFrame:
+    """What each role's drift costs: the loss at the widest width with the multiplier that was best
+    at the smallest width, above the widest width's best (both on the grid, seed means).
+
+    Args:
+        sweep: a diagnosis sweep (``DIAGNOSIS_COLUMNS``).
+
+    Returns:
+        One row per role: ``transfer_cost`` (in loss units) and ``relative_cost`` (over the widest
+        width's best loss).
+    """
+    means = sweep.groupby(["role", "width", "multiplier"])["eval_loss"].mean()
+    smallest, widest = sweep["width"].min(), sweep["width"].max()
+    records = []
+    for role in dict.fromkeys(sweep["role"]):
+        first = means.loc[(role, smallest)].fillna(np.inf)
+        last = means.loc[(role, widest)].fillna(np.inf)
+        best = float(last.min())
+        cost = float(last.loc[first.idxmin()]) - best
+        records.append((role, cost, cost / abs(best) if best else np.inf))
+    return pd.DataFrame(records, columns=["role", "transfer_cost", "relative_cost"])
+
+
+def _optima_or_raise(frame: pd.DataFrame, warn: bool = True) -> pd.DataFrame:
     finite = frame.groupby(["role", "width"])["eval_loss"].apply(lambda s: bool(np.isfinite(s).any()))
     if not finite.all():
         role, width = finite.index[~finite][0]
         raise ArgumentError("multipliers", f"every multiplier of the {role} lr diverged at width {width}; "
                                            "try a smaller lr or smaller multipliers")
-    return fit_optima(frame, by=("role",))
+    return fit_optima(frame, by=("role",), warn_at_edge=warn)
 

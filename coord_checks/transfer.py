@@ -276,7 +276,7 @@ def parabola_vertex(log2_lrs: Sequence[float], losses: Sequence[float]) -> float
 
 
 def fit_optima(sweep: pd.DataFrame, half_window: int = 1, loss: str = "eval_loss",
-               by: Sequence[str] = ("parametrization",)) -> pd.DataFrame:
+               by: Sequence[str] = ("parametrization",), warn_at_edge: bool = True) -> pd.DataFrame:
     """Optimal learning rate per (parametrization, width) from a sweep frame.
 
     The loss is averaged over seeds at each learning rate; diverged runs count as infinitely bad.
@@ -290,6 +290,7 @@ def fit_optima(sweep: pd.DataFrame, half_window: int = 1, loss: str = "eval_loss
         loss: which loss column to use.
         by: the columns that, with ``width``, make one curve (``("role",)`` for a diagnosis,
             ``("parametrization", "step")`` for an anytime sweep).
+        warn_at_edge: log a warning for each optimum at the edge of the grid.
 
     Returns:
         One row per (``*by``, width): ``grid_lr`` (the grid minimum), ``log2_lr_opt`` and
@@ -321,7 +322,7 @@ def fit_optima(sweep: pd.DataFrame, half_window: int = 1, loss: str = "eval_loss
         log2_grid = float(curve.index[i])
         vertex = parabola_vertex(window.index, window.to_numpy()) if len(window) >= 3 else log2_grid
         at_edge = i in (0, len(curve) - 1)
-        if at_edge:
+        if at_edge and warn_at_edge:
             logger.warning("optimum for %s, width %s is at the edge of the lr grid", where, width)
         records.append(
             {

@@ -2,6 +2,7 @@
 forgets muP's width multiplier is named as the role whose optimum drifts."""
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -80,3 +81,26 @@ def test_diagnose_mistakes_are_one_error_line_naming_the_flag(argv, message, tmp
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"{PROG} diagnose: error: "), lines
     assert message in lines[0]
+
+
+def test_a_drift_along_a_flat_curve_is_not_named_and_a_costly_one_is():
+    from coord_checks.diagnose import DIAGNOSIS_COLUMNS, Diagnosis, transfer_cost
+    from coord_checks.transfer import fit_optima, optimum_drift
+
+    def loss(role, width, k):  # readout: sharp bowl moving 1 octave; hidden: nearly flat, moving 4
+        if role == "readout":
+            return 1.0 + 0.05 * (k - (0 if width == 32 else -1)) ** 2
+        return 1.0 + 1e-5 * (k - (-3 if width == 32 else 3)) ** 2
+
+    rows = [(role, width, 2.0**k, 0.01 * 2.0**k, math.log2(0.01) + k, 0, loss(role, width, k), loss(role, width, k),
+             False) for role in ("hidden", "readout") for width in (32, 128) for k in range(-4, 5)]
+    sweep = pd.DataFrame(rows, columns=list(DIAGNOSIS_COLUMNS))
+    optima = fit_optima(sweep, by=("role",))
+    drift = optimum_drift(optima, by=("role",)).merge(transfer_cost(sweep), on="role")
+    drift = drift.sort_values("drift_octaves", ascending=False).reset_index(drop=True)
+    diagnosis = Diagnosis(sweep, optima, drift, rounds=0)
+    assert list(drift["role"]) == ["hidden", "readout"]  # hidden drifts further ...
+    assert diagnosis.worst_role == "readout"  # ... but only the readout's drift costs loss
+    assert drift.set_index("role").loc["readout", "transfer_cost"] == pytest.approx(0.05)
+    flat = Diagnosis(sweep, optima, drift[drift["role"] == "hidden"], rounds=0)
+    assert flat.worst_role is None and "the learning rates transfer" in flat.format()
