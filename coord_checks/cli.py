@@ -185,7 +185,7 @@ def build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser, a
         description="Which parameter group breaks learning-rate transfer? Sweeps the lr multiplier of "
                     "one role at a time (input, hidden, readout, attention, vector-like) at every "
                     "width, the other roles at their optimum, and reports how far each role's "
-                    "optimum drifts across widths, in muP.",
+                    "optimum drifts across widths and what that costs, in muP.",
     )
     _add_common(doctor, tuple(experiments.TRANSFER_WIDTHS), seeds=(0,))
     doctor.add_argument("--steps", type=_positive_int, default=100, help="training steps per run (default: 100)")
@@ -615,7 +615,8 @@ def run_diagnose(args: argparse.Namespace) -> int:
     _write_whole(out / f"{stem}.csv", lambda path: result.sweep.to_csv(path, index=False))
     _write_whole(out / f"{stem}_optima.csv", lambda path: result.optima.to_csv(path, index=False))
     title = (f"{label}, {args.optimizer} schedule-free (muP), {args.steps} steps, base lr {lr:g}: held-out "
-             f"loss at x against one role's lr (stars: optima); {result.worst_role} drifts most")
+             f"loss at x against one role's lr (stars: optima); "
+             + (f"the {result.worst_role} lr breaks transfer" if result.worst_role else "the lrs transfer"))
     figure = plots.plot_transfer(result.sweep, result.optima, title=title, panel="role")
     _write_whole(out / f"{stem}.png", lambda path: plots.save_figure(figure, path))
     print(result.format())

@@ -12,14 +12,18 @@ separately. ``diagnose`` does that across widths. Every parameter gets a *role*:
     vector     everything else: biases, normalisation gains, scalars ("vector-like")
 
 Each role's learning rate is ``lr * multiplier``, passed to the optimizer factory as a parameter
-group (muP factories then apply their own width scaling on top). At each width the roles are
-swept one after the other (coordinate descent): each role's multiplier over the grid, with the
-roles already swept at their optimum and the rest at 1; ``rounds`` more passes repeat this with
-every other role at its latest optimum, and the last pass is what is reported. ``fit_optima`` and
+group (muP factories then apply their own width scaling on top). First, at the smallest width, the
+roles are tuned one after the other (coordinate descent: each role's multiplier over the grid,
+with the roles already tuned at their optimum and the rest at 1; ``rounds`` more passes repeat
+this with every other role at its latest optimum). Then, at every width, each role's multiplier is
+swept with all the other roles held at those smallest-width optima: a role whose muP scaling is
+right has its optimum where it was, a role whose scaling is wrong sees it move, and holding the
+others fixed keeps them from compensating. ``fit_optima`` and
 ``optimum_drift`` (by role) say how far each role's optimum moves across widths, in octaves, and
 ``transfer_cost`` what that costs: the loss at the widest width with the smallest width's optimum,
-above the best. The role that drifts most, among those whose drift costs at least 1 % of the loss,
-is the one whose muP scaling is wrong.
+above the best. The role whose drift costs most (if at least 1 % of the loss) is the one that breaks
+transfer: a wrongly scaled role also drags the others' optima along (it stays mis-set while they
+are swept), but their curves are flatter, so their drift costs less.
 """
 from __future__ import annotations
 
@@ -112,22 +116,25 @@ class Diagnosis(NamedTuple):
         sweep: one row per (role, width, multiplier, seed) (``DIAGNOSIS_COLUMNS``).
         optima: ``fit_optima`` by role: the optimal ``lr`` of each role per width, with
             ``multiplier_opt`` (its ratio to the base lr).
-        drift: ``optimum_drift`` by role, largest drift first, with ``transfer_cost`` and
-            ``relative_cost`` (see ``transfer_cost``).
+        drift: ``optimum_drift`` by role with ``transfer_cost`` and ``relative_cost`` (see
+            ``transfer_cost``), costliest first.
         rounds: the coordinate-descent passes after the first.
+        held: each role's optimal multiplier at the smallest width, where it is held while the
+            other roles are swept.
     """
 
     sweep: pd.DataFrame
     optima: pd.DataFrame
     drift: pd.DataFrame
     rounds: int
+    held: dict[str, float]
 
     @property
     def worst_role(self) -> str | None:
-        """The role whose optimum drifts most across widths, among roles whose drift costs at least
-        ``MIN_RELATIVE_COST`` of the loss (a drift along a flat curve breaks nothing); None if none does."""
+        """The role whose drift costs most loss at the widest width, if that is at least
+        ``MIN_RELATIVE_COST`` of the loss (a drift along a flat curve breaks nothing); else None."""
         costly = self.drift[self.drift["relative_cost"] >= MIN_RELATIVE_COST]
-        return None if costly.empty else str(costly["role"].iloc[0])
+        return None if costly.empty else str(costly.loc[costly["relative_cost"].idxmax(), "role"])
 
     def format(self) -> str:
         """One screen: optima per role and width, drift per role, and the worst role.
@@ -144,16 +151,18 @@ class Diagnosis(NamedTuple):
                         "width: the learning rates transfer")
         else:
             worst = self.drift.set_index("role").loc[self.worst_role]
-            headline = (f"Diagnosis: the {self.worst_role} optimum drifts most, {worst['drift_octaves']:.2f} octaves "
-                        f"over {worst['width_ratio']:g}x width (trend {worst['trend']:+.2f}: the optimum moves "
-                        f"by a factor {2 ** worst['trend']:.2f} per doubling of width; using the smallest "
-                        f"width's optimum costs {worst['relative_cost']:.1%} loss at the widest)")
+            headline = (f"Diagnosis: the {self.worst_role} lr breaks transfer: its optimum moves "
+                        f"{worst['drift_octaves']:.2f} octaves over {worst['width_ratio']:g}x width (trend "
+                        f"{worst['trend']:+.2f}, a factor {2 ** worst['trend']:.2f} per doubling), and its "
+                        f"smallest-width optimum costs {worst['relative_cost']:.1%} more loss at the widest width")
         return "\n".join([
             headline,
-            "  at each width, each role's lr multiplier swept in turn with the other roles at their "
-            f"latest optimum ({self.rounds + 1} passes of coordinate descent; the last is reported)",
+            "  each role's lr multiplier swept at every width with the other roles at their optimum at the "
+            f"smallest width ({self.rounds + 1} passes of coordinate descent there): "
+            + ", ".join(f"{role} x{m:.3g}" for role, m in self.held.items()),
             "",
-            "Drift of each role's optimal lr across widths (octaves = factors of 2):",
+            "Drift of each role's optimal lr across widths (octaves = factors of 2), and the loss its "
+            "smallest-width optimum costs at the widest width:",
             self.drift.to_string(index=False, formatters=fmt),
             "",
             "Optimal lr per role and width (parabola vertex in log2 lr):",
@@ -189,7 +198,7 @@ def diagnose(
     device: str | torch.device = "cpu",
     progress: bool = False,
 ) -> Diagnosis:
-    """Sweep each role's learning-rate multiplier across widths and find the role that drifts.
+    """Sweep each role's learning-rate multiplier across widths and find the role that breaks transfer.
 
     Args:
         model_factory: ``width -> model`` with base shapes set.
@@ -205,8 +214,8 @@ def diagnose(
         roles: roles to sweep (default: every role the model has).
         readout: the readout module's name (default: found).
         seeds: initialisation seeds.
-        rounds: passes of coordinate descent after the first (0: each role swept once, with the
-            roles swept before it at their optimum and the rest at 1).
+        rounds: passes of coordinate descent at the smallest width after the first (0: each role
+            tuned once, with the roles tuned before it at their optimum and the rest at 1).
         device: where to train.
         progress: show a tqdm bar.
 
@@ -235,7 +244,7 @@ def diagnose(
         raise ArgumentError("roles", f"the model has roles {[r for r in ROLES if r in present]}, got {roles}")
     train_batches = [(x.to(device), y.to(device)) for x, y in train_batches]
     eval_batches = [(x.to(device), y.to(device)) for x, y in eval_batches]
-    bar = tqdm(total=(1 + rounds) * len(roles) * len(multipliers) * len(seeds) * len(widths),
+    bar = tqdm(total=(1 + rounds + len(widths)) * len(roles) * len(multipliers) * len(seeds),
                desc="diagnose", leave=False, disable=None if progress else True)
 
     def sweep(width: int, role: str, held: dict[str, float]) -> pd.DataFrame:
@@ -249,26 +258,22 @@ def diagnose(
             bar.update()
         return pd.DataFrame(rows, columns=list(DIAGNOSIS_COLUMNS))
 
-    frames = []
+    held: dict[str, float] = {}
     try:
         with torch.random.fork_rng(devices=rng_devices(device)):
-            for width in widths:
-                held: dict[str, float] = {}
-                for _ in range(1 + rounds):
-                    curves = []
-                    for role in roles:
-                        curve = sweep(width, role, held)
-                        held[role] = float(_optima_or_raise(curve, warn=False)["lr_opt"].iloc[0]) / lr
-                        curves.append(curve)
-                frames += curves
+            for _ in range(1 + rounds):
+                for role in roles:
+                    curve = sweep(widths[0], role, held)
+                    held[role] = float(_optima_or_raise(curve, warn=False)["lr_opt"].iloc[0]) / lr
+            frame = pd.concat([sweep(width, role, held) for width in widths for role in roles],
+                              ignore_index=True)
     finally:
         bar.close()
-    frame = pd.concat(frames, ignore_index=True)
     optima = _optima_or_raise(frame)
     optima["multiplier_opt"] = optima["lr_opt"] / lr
     drift = optimum_drift(optima, by=("role",)).merge(transfer_cost(frame), on="role")
-    drift = drift.sort_values("drift_octaves", ascending=False, kind="stable").reset_index(drop=True)
-    return Diagnosis(frame, optima, drift, rounds)
+    drift = drift.sort_values("relative_cost", ascending=False, kind="stable").reset_index(drop=True)
+    return Diagnosis(frame, optima, drift, rounds, held)
 
 
 def transfer_cost(sweep: pd.DataFrame) -> pd.DataFrame:
