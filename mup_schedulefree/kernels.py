@@ -158,15 +158,19 @@ def route(lists: Sequence[Tensors], *, fused: bool | None, foreach: bool | None,
 
 def _dispatch(native_name: str, eager: Callable[..., None], lists: Sequence[Tensors], scalars: dict[str, float],
               foreach: bool | None, fused: bool | None, native_scalars: dict[str, float] | None = None,
-              masters: Tensors | None = None) -> None:
+              masters: Tensors | None = None, prepared: Callable[..., None] | None = None) -> None:
     """Run each :func:`route` of the lists: ``native.<native_name>`` (``<...>lp_`` with masters) or ``eager``.
 
     ``native_scalars`` (default: ``scalars``) are the keyword arguments of the native function. With
     ``masters``, ``lists[0]`` holds low-precision parameters whose float32 masters the math updates:
     natively in one pass; eagerly, written parameters are adopted (:func:`adopt_written_`), ``eager``
     runs on the masters with the gradients widened to float32, and each parameter gets its master
-    rounded to its dtype. Both give the same bits.
+    rounded to its dtype. Both give the same bits. ``prepared`` is a native call already bound to
+    these lists (see ``native.Prepared``): it runs with the native scalars, and nothing is routed.
     """
+    if prepared is not None:
+        prepared(**(scalars if native_scalars is None else native_scalars))
+        return
     is_step = native_name != "lerp_"
     for path, sub, kept, _ in route(lists, fused=fused, foreach=foreach, masters=masters,
                                     low_precision_grads=is_step):
@@ -280,6 +284,7 @@ def adam_step_(
     foreach: bool | None = False,
     fused: bool | None = False,
     masters: Tensors | None = None,
+    prepared: Callable[..., None] | None = None,
 ) -> None:
     """One schedule-free Adam step (AdamW-SF, and RAdam-SF with ``adaptive`` from its rectification).
 
@@ -302,12 +307,15 @@ def adam_step_(
         fused: use the native single-pass kernel for the tensors it takes (None: on the CPU).
         masters: float32 master copies of ``ys``, which are then bfloat16/float16 parameters (with
             gradients of their dtype): the math runs on the masters, and ``ys`` get them rounded.
+        prepared: the native call a step plan bound to these very lists, gradients included
+            (``native.Prepared``); it runs instead of routing the lists anew.
     """
     scalars = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, ckp1=ckp1,
                    bias_correction2=bias_correction2, adaptive=adaptive, closure_form=closure_form)
     native_name = "adam_sf_closure_step_" if closure_form else "adam_sf_step_"
     _dispatch(native_name, _eager_adam, [ys, grads, zs, exp_avg_sqs], scalars, foreach, fused,
-              native_scalars={k: v for k, v in scalars.items() if k != "closure_form"}, masters=masters)
+              native_scalars={k: v for k, v in scalars.items() if k != "closure_form"}, masters=masters,
+              prepared=prepared)
 
 
 def sgd_step_(
@@ -323,6 +331,7 @@ def sgd_step_(
     foreach: bool | None = False,
     fused: bool | None = False,
     masters: Tensors | None = None,
+    prepared: Callable[..., None] | None = None,
 ) -> None:
     """One schedule-free SGD step.
 
@@ -340,11 +349,13 @@ def sgd_step_(
         fused: use the native single-pass kernel for the tensors it takes (None: on the CPU).
         masters: float32 master copies of ``ys``, which are then bfloat16/float16 parameters (see
             :func:`adam_step_`).
+        prepared: the native call a step plan bound to these very lists (see :func:`adam_step_`).
     """
     scalars = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, ckp1=ckp1, closure_form=closure_form)
     native_name = "sgd_sf_closure_step_" if closure_form else "sgd_sf_step_"
     _dispatch(native_name, _eager_sgd, [ys, grads, zs], scalars, foreach, fused,
-              native_scalars={k: v for k, v in scalars.items() if k != "closure_form"}, masters=masters)
+              native_scalars={k: v for k, v in scalars.items() if k != "closure_form"}, masters=masters,
+              prepared=prepared)
 
 
 def _eager_lerp(starts, ends, *, weight) -> None:

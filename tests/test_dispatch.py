@@ -1,8 +1,9 @@
 """One function, ``kernels.route``, decides the path of every tensor; each fused op is declared once.
 
 ``route`` buckets rows by device and dtype and sends to the native kernels exactly the rows they
-can take; the optimizers, the wrapper and the step plans all ask it. ``native.OPS`` declares each
-op's tensor lists and named scalars, from which the ctypes signatures and the calls are built.
+can take; the optimizers, the wrapper and the step plans all ask it, and an optimizer's explicit
+``fused=True`` raises when ``route`` would send a row elsewhere. ``native.OPS`` declares each op's
+tensor lists and named scalars, from which the ctypes signatures and the calls are built.
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import inspect
 import pytest
 import torch
 
-from mup_schedulefree import kernels, native
+from mup_schedulefree import AdamWScheduleFree, AdamWScheduleFreeClosure, SGDScheduleFree, kernels, native
 
 needs_native = pytest.mark.skipif(not native.available(), reason="native kernels could not be built here")
 
@@ -75,3 +76,51 @@ def test_signatures_come_from_the_table():
     assert len(argtypes) == len(op.tensors) + 2 + len(op.scalars) + 2
     assert argtypes[len(op.tensors) + 2:-2] == tuple(kind for _, kind in op.scalars)
     assert len(native.OPS["lerp_"].argtypes()) == 2 + 2 + 1 + 1
+
+
+FUSED_MAKERS = {"AdamW-SF": lambda ps, **kw: AdamWScheduleFree(ps, lr=1e-2, **kw),
+                "SGD-SF": lambda ps, **kw: SGDScheduleFree(ps, lr=1e-2, **kw),
+                "AdamW-SF closure": lambda ps, **kw: AdamWScheduleFreeClosure(ps, lr=1e-2, **kw)}
+
+
+def _step(opt, params, seed):
+    gen = torch.Generator().manual_seed(seed)
+
+    def closure():
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+        return 0.0
+
+    if "Closure" in type(opt).__name__:
+        return opt.step(closure)
+    closure()
+    return opt.step()
+
+
+@needs_native
+@pytest.mark.parametrize("name", list(FUSED_MAKERS))
+@pytest.mark.parametrize("dtype, master_weights", [(torch.float64, True), (torch.bfloat16, False)],
+                         ids=["float64", "bfloat16 without masters"])
+def test_explicit_fused_true_on_tensors_the_kernels_cannot_take_raises_before_any_change(name, dtype, master_weights):
+    """fused=True is a promise, as in torch: on float64 parameters, or bfloat16 ones without master
+    weights, the step raises RuntimeError naming the parameter, and parameters, state and step count
+    are as before (the closure form puts the parameters back at x). fused=None takes the eager path
+    for them without a word; bfloat16 with masters is taken natively under fused=True."""
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(4, 3, generator=gen)), torch.nn.Parameter(torch.randn(5, generator=gen))]
+    opt = FUSED_MAKERS[name](params, fused=True, master_weights=master_weights)
+    _step(opt, params, 1)
+    with torch.no_grad():
+        params[1].data = params[1].data.to(dtype)
+    before = [p.detach().clone() for p in params]
+    k_before = opt.param_groups[0]["k"]
+    with pytest.raises(RuntimeError, match=r"fused=True cannot be kept for parameter 1 of its group \(shape \(5,\)\)"):
+        _step(opt, params, 2)
+    assert opt.param_groups[0]["k"] == k_before
+    for p, b in zip(params, before):
+        assert p.dtype == b.dtype and torch.allclose(p, b, rtol=0, atol=1e-6)
+    opt.param_groups[0]["fused"] = None
+    _step(opt, params, 3)
+    if dtype is torch.bfloat16:
+        opt = FUSED_MAKERS[name]([torch.nn.Parameter(torch.randn(6).bfloat16())], fused=True)
+        _step(opt, opt.param_groups[0]["params"], 4)

@@ -67,9 +67,10 @@ class AdamWRule:
     _native_op = "adam_sf_step_"  # its fused primal step in native.OPS
 
     def _kernel(self, lists: list[list[torch.Tensor]], scalars: dict[str, Any], *, fused: bool | None,
-                foreach: bool | None, closure_form: bool, masters: list[torch.Tensor | None]) -> None:
+                foreach: bool | None, closure_form: bool, masters: list[torch.Tensor | None] | None,
+                prepared: Any = None) -> None:
         kernels.adam_step_(*lists, **scalars, closure_form=closure_form, foreach=foreach, fused=fused,
-                           masters=masters)
+                           masters=masters, prepared=prepared)
 
 
 class AdamWScheduleFree(AdamWRule, PrimalForm):

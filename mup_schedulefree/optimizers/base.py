@@ -28,6 +28,7 @@ from ..validation import check_range
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 MASTER = "param_fp32"
+_MASTER_STAND_IN = torch.empty(0)  # what a master made at the first step looks like to kernels.route
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
@@ -312,7 +313,8 @@ class GroupPlan(NamedTuple):
     states: list                           # their state dicts
     state_tensors: dict                    # state key -> the tensors the calls were bound to
     flags: tuple                           # the group's fused, foreach and master_weights
-    calls: list | None                     # (native.Prepared, rows of the active parameters it takes)
+    calls: list | None                     # (native.Prepared, rows of the active parameters it takes,
+                                           #  its lists with None for the gradients, its masters)
 
 
 def _flags(group: dict[str, Any]) -> tuple:
@@ -331,7 +333,8 @@ class ScheduleFreeCore(Optimizer):
         ``_kernel(lists, scalars, **flags, masters)``: apply the update to parallel lists
             [points, grads, z, *moments] (where a point's master is not None, the point is a
             low-precision parameter whose float32 master the math updates); ``kernels.route``
-            decides the path of each tensor from the group's flags.
+            decides the path of each tensor from the group's flags, unless ``prepared`` (a step
+            plan's native call, gradients bound) is given.
     A form (:class:`PrimalForm`, :class:`ClosureForm`) defines where the parameter sits and how
     ``step`` is driven.
     """
@@ -352,7 +355,8 @@ class ScheduleFreeCore(Optimizer):
         raise NotImplementedError
 
     def _kernel(self, lists: list[list[torch.Tensor]], scalars: dict[str, Any], *, fused: bool | None,
-                foreach: bool | None, closure_form: bool, masters: list[torch.Tensor | None]) -> None:
+                foreach: bool | None, closure_form: bool, masters: list[torch.Tensor | None] | None,
+                prepared: Any = None) -> None:
         raise NotImplementedError
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -421,13 +425,42 @@ class ScheduleFreeCore(Optimizer):
                 self._align_state(group, p)
 
     def _check_gradients(self) -> None:
-        """Raise, naming the parameter, before a step whose gradients cannot be used; change nothing."""
+        """Raise, naming the parameter, before a step whose gradients cannot be used; change nothing.
+
+        Sparse gradients are refused, and so is ``fused=True`` where the native kernels cannot take
+        a parameter or its gradient (as torch's ``fused=True`` raises): the flag is a promise, and
+        ``fused=None`` lets such tensors take the eager path.
+        """
         for group in self.param_groups:
             for index, p in enumerate(group["params"]):
                 grad = p.grad
                 if grad is not None and grad.layout != torch.strided:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients "
                                        f"({describe_parameter(group, index, p)} has a {grad.layout} gradient)")
+        for group in self.param_groups:
+            if group.get("fused") is True:
+                self._check_fused(group)
+
+    def _check_fused(self, group: dict[str, Any]) -> None:
+        """Raise RuntimeError, naming the parameter, if ``kernels.route`` would not send it to the native kernels."""
+        indices = [i for i, p in enumerate(group["params"]) if p.grad is not None]
+        params = [group["params"][i] for i in indices]
+        if not params:
+            return
+        masters = [None if p.dtype not in LOW_PRECISION or not group.get("master_weights", True)
+                   else self.state[p].get(MASTER, _MASTER_STAND_IN) for p in params]
+        lists = [[real_view(local(p)) for p in params], [real_view(local(p.grad)) for p in params]]
+        for path, _, _, rows in kernels.route(lists, fused=True, foreach=group.get("foreach"), masters=masters,
+                                              low_precision_grads=True):
+            if path != "native":
+                p = params[rows[0]]
+                why = ("the native kernels are unavailable here" if kernels._native() is None else
+                       "the native kernels take contiguous CPU float32 tensors, and bfloat16/float16 ones with "
+                       "master_weights=True, with gradients of their dtype")
+                raise RuntimeError(f"{type(self).__name__}: fused=True cannot be kept for "
+                                   f"{describe_parameter(group, indices[rows[0]], p)}, {p.dtype} on {p.device} "
+                                   f"with a {p.grad.dtype} gradient: {why}. Pass fused=None to let such tensors "
+                                   "take the eager path.")
 
     def _init_state(self, group: dict[str, Any], p: torch.Tensor) -> None:
         state = self.state[p]
@@ -495,13 +528,16 @@ class ScheduleFreeCore(Optimizer):
             if kept is not None:
                 name, tensors = name + "lp_", [bucket[0], bucket[1], kept, *bucket[2:]]
             try:
-                calls.append((lib.Prepared(name, tensors, rebind=("grads",)), rows))
+                calls.append((lib.Prepared(name, tensors, rebind=("grads",)), rows, [bucket[0], None, *bucket[2:]],
+                              kept))
             except (TypeError, ValueError):  # a tensor the kernels cannot take: the full path splits it off
                 return GroupPlan(**plan)
         return GroupPlan(**{**plan, "calls": calls})
 
     def _cached_step_plans(self) -> list[list] | None:
-        """The native calls of every group with this step's gradients bound, or None to take the full path.
+        """Every group's bound calls, as (prepared call, lists, masters), or None to take the full path.
+
+        The lists are the plan's, with this step's gradients, which are bound to the prepared calls.
 
         Nothing is changed when None is returned, and nothing but the calls' gradient pointers
         otherwise; every check of the full path that could fail has passed when the plans were built
@@ -528,10 +564,13 @@ class ScheduleFreeCore(Optimizer):
                 if not all(map(operator.is_, map(operator.methodcaller("get", key), plan.states), tensors)):
                     return None
             grads = [g for g in grads if g is not None]
-            for prepared, rows in plan.calls:
-                if not prepared.bind("grads", grads if len(rows) == len(grads) else [grads[i] for i in rows]):
+            calls = []
+            for prepared, rows, lists, masters in plan.calls:
+                picked = grads if len(rows) == len(grads) else [grads[i] for i in rows]
+                if not prepared.bind("grads", picked):
                     return None
-            ready.append([prepared for prepared, _ in plan.calls])
+                calls.append((prepared, [lists[0], picked, *lists[2:]], masters))
+            ready.append(calls)
         return ready
 
     def _move_points(self, group: dict[str, Any], params: list[torch.Tensor], weight: float) -> None:
@@ -697,8 +736,9 @@ class PrimalForm(ModalForm):
             share_lr_ratios(self.param_groups)
             for group, calls in zip(self.param_groups, ready):
                 scalars = self._advance(group)
-                for prepared in calls:
-                    prepared(**scalars)
+                for prepared, lists, masters in calls:
+                    self._kernel(lists, scalars, fused=True, foreach=False, closure_form=False, masters=masters,
+                                 prepared=prepared)
             return loss
         self._check_state()
         self._check_gradients()
