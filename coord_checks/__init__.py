@@ -6,6 +6,7 @@ DataFrame of per-module statistics at the schedule-free training point y and eva
 ``fit_optima`` and ``optimum_drift`` check that the best learning rate transfers across widths.
 ``run_coord_check`` and ``run_transfer`` do all of it for the example models, ``check_model`` for
 your own (``coord_checks.custom``), and ``python -m coord_checks`` from the command line.
+``coord_checks.diagnose.diagnose`` finds the parameter group whose learning rate fails to transfer.
 """
 from __future__ import annotations
 
@@ -19,9 +20,11 @@ _HOMES = {
     "build_model": "models",
     "check_model": "custom", "prepare_model": "custom", "log_spaced_steps": "custom",
     "causal_lm_factory": "huggingface",
-    "plot_coords": "plots", "plot_over_time": "plots", "plot_transfer": "plots", "save_figure": "plots",
+    "parameter_roles": "diagnose",
+    "plot_coords": "plots", "plot_over_time": "plots", "plot_transfer": "plots",
+    "plot_anytime": "plots", "plot_lr_wd": "plots", "save_figure": "plots",
     "record_coords": "recording",
-    "fit_optima": "transfer", "lr_grid": "transfer", "optimum_drift": "transfer", "sweep_learning_rates": "transfer",
+    "fit_optima": "transfer", "fit_joint_optima": "transfer", "joint_drift": "transfer", "lr_grid": "transfer", "optimum_drift": "transfer", "sweep_learning_rates": "transfer",
     "Thresholds": "verdict", "Verdict": "verdict", "judge": "verdict",
 }
 
@@ -42,11 +45,16 @@ __all__ = [
     "Verdict",
     "plot_coords",
     "plot_over_time",
+    "plot_anytime",
+    "plot_lr_wd",
     "plot_transfer",
     "save_figure",
     "sweep_learning_rates",
     "fit_optima",
     "optimum_drift",
+    "fit_joint_optima",
+    "joint_drift",
+    "parameter_roles",
     "lr_grid",
     "build_model",
     "check_model",

@@ -223,7 +223,8 @@ def plot_transfer(
     span = max(high - low, 1e-3)
 
     with matplotlib.rc_context(_STYLE):
-        fig = Figure(figsize=(min(4.2, 14.0 / len(params)) * len(params) + 1.0, 3.4), layout="constrained")
+        fig = Figure(figsize=(max(min(4.2, 14.0 / len(params)) * len(params) + 1.0, 7.5), 3.4),
+                     layout="constrained")
         axes = np.atleast_1d(fig.subplots(1, len(params), sharey=True))
         for ax, param in zip(axes, params):
             for width in widths:
@@ -272,7 +273,7 @@ def plot_anytime(optima: pd.DataFrame, title: str | None = None) -> Figure:
     cmap = matplotlib.colormaps["viridis"]
     colours = {w: cmap(0.85 * i / max(len(widths) - 1, 1)) for i, w in enumerate(widths)}
     with matplotlib.rc_context(_STYLE):
-        fig = Figure(figsize=(3.8 * len(params) + 1.0, 3.2), layout="constrained")
+        fig = Figure(figsize=(max(3.8 * len(params) + 1.0, 7.5), 3.2), layout="constrained")
         axes = np.atleast_1d(fig.subplots(1, len(params), sharey=True))
         for ax, param in zip(axes, params):
             for width in widths:
