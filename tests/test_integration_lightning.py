@@ -174,7 +174,9 @@ def _tiny_fit(pl, root, optimizer_class, checkpoint):
     trainer = pl.Trainer(max_steps=1, accelerator="cpu", logger=False, enable_progress_bar=False,
                          enable_model_summary=False, default_root_dir=root,
                          callbacks=[ScheduleFreeCallback(), checkpoint])
-    trainer.fit(Tiny(), loader)
+    module = Tiny()
+    trainer.fit(module, loader)
+    return module, trainer
 
 
 def test_weights_only_checkpoints_warn_that_they_hold_y(tmp_path):
@@ -188,3 +190,15 @@ def test_callback_refuses_an_optimizer_without_points_at_x(tmp_path):
     pl = _import_lightning()
     with pytest.raises(TypeError, match=r"trainer.optimizers=\['SGD'\]"):
         _tiny_fit(pl, tmp_path, torch.optim.SGD, pl.callbacks.ModelCheckpoint(tmp_path))
+
+
+def test_closure_forms_train_with_the_callback_and_save_their_x(tmp_path):
+    """Lightning passes a closure to every step, so the closure forms fit it; they have no modes
+    (their parameters hold x between steps), and the callback leaves them so."""
+    pl = _import_lightning()
+    from mup_schedulefree import AdamWScheduleFreeClosure
+    module, trainer = _tiny_fit(pl, tmp_path, AdamWScheduleFreeClosure, pl.callbacks.ModelCheckpoint(tmp_path))
+    saved = torch.load(trainer.checkpoint_callback.best_model_path or next(tmp_path.glob("*.ckpt")),
+                       weights_only=False)["state_dict"]
+    for key, value in module.state_dict().items():
+        assert torch.equal(saved[key], value), key

@@ -56,7 +56,11 @@ class ScheduleFreeCallback(pl.Callback):
         return [optimizer for optimizer in found if optimizer is not None]
 
     def _restore(self, trainer: Any) -> list[Any]:
-        optimizers = self._optimizers(trainer)
+        """Restore stored training points; return the optimizers with train/eval modes.
+
+        Closure forms have no modes: their parameters hold x between steps already.
+        """
+        optimizers = [optimizer for optimizer in self._optimizers(trainer) if hasattr(optimizer, "train_mode")]
         for optimizer in optimizers:
             restore_train_points(optimizer)
         return optimizers
@@ -94,7 +98,7 @@ class ScheduleFreeCallback(pl.Callback):
             trainer: the Lightning Trainer.
             pl_module: the LightningModule.
         """
-        for optimizer in self._optimizers(trainer):
+        for optimizer in self._restore(trainer):
             optimizer.eval()
 
     def _enter_eval(self, trainer: Any) -> None:
@@ -104,7 +108,7 @@ class ScheduleFreeCallback(pl.Callback):
             optimizer.eval()
 
     def _leave_eval(self, trainer: Any) -> None:
-        for optimizer, mode in zip(self._optimizers(trainer), self._modes):
+        for optimizer, mode in zip(self._restore(trainer), self._modes):
             if mode:
                 optimizer.train()
         self._modes = []
