@@ -161,7 +161,8 @@ def plot_over_time(
     styles = {m: {"color": palette(i % n_colours), "ls": ("-", "--", ":")[(i // n_colours) % 3]}
               for i, m in enumerate(modules)}
     with matplotlib.rc_context(_STYLE):
-        fig = Figure(figsize=(3.6 * len(params) + 1.8, 2.2 * len(sequences) + 0.8), layout="constrained")
+        fig = Figure(figsize=(max(3.6 * len(params) + 1.8, 8.0), 2.2 * len(sequences) + 0.8),
+                     layout="constrained")
         axes = fig.subplots(len(sequences), len(params), sharex=True, sharey=True, squeeze=False)
         for c, param in enumerate(params):
             for r, seq in enumerate(sequences):
@@ -173,7 +174,7 @@ def plot_over_time(
                 ax.axhline(fail_slope, color="firebrick", ls="--", lw=0.9)
                 ax.axhline(0.0, color="black", lw=0.6)
                 ax.set_xscale("log", base=2)
-                ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+                ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}"))
                 ax.set_title(f"{_PARAM_TITLES.get(param, param)}, {seq}")
                 if r == len(sequences) - 1:
                     ax.set_xlabel("step")
@@ -287,7 +288,7 @@ def plot_anytime(optima: pd.DataFrame, title: str | None = None) -> Figure:
                 ax.plot(rows["step"][edge], rows["lr_opt"][edge], "o", ms=5, mfc="none", color=colours[width])
             ax.set_xscale("log", base=2)
             ax.set_yscale("log", base=2)
-            ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+            ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}"))
             ax.set_xlabel("training steps (evaluated at x)")
             ax.set_title(_PARAM_TITLES.get(param, param), fontweight="bold")
             ax.legend(loc="best")

@@ -222,7 +222,11 @@ class Verdict:
     settle_fraction: float = 0.5
 
     def behaviour(self) -> pd.DataFrame:
-        """Each module's behaviour across steps (see ``behaviour_over_time``)."""
+        """Each module's behaviour across steps.
+
+        Returns:
+            ``behaviour_over_time(self.table, self.settle_fraction)``.
+        """
         return behaviour_over_time(self.table, self.settle_fraction)
 
     def _statuses(self, rows: pd.DataFrame) -> pd.Series:
