@@ -196,7 +196,7 @@ def build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser, a
     doctor.add_argument("--roles", nargs="+", choices=diagnose.ROLES, metavar="ROLE",
                         help=f"roles to sweep, of {', '.join(diagnose.ROLES)} (default: every role the model has)")
     doctor.add_argument("--rounds", type=_number(int, "a non-negative integer", lambda v: v >= 0), default=1,
-                        help="coordinate-descent passes after the first (default: 1)")
+                        help="extra coordinate-descent passes at the smallest width (default: 1)")
     return check, sweep, doctor
 
 
