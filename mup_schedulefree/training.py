@@ -19,6 +19,8 @@ import os
 import pickle
 import re
 import secrets
+import stat
+import zipfile
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
@@ -27,7 +29,8 @@ from torch import nn
 BATCHNORM = (nn.modules.batchnorm._BatchNorm,)
 _EMPTY = object()
 _WRAPPER_DEPTH = 8     # how many ``.optimizer`` attributes to look through
-CHECKPOINT_KEYS = ("model", "model_at_y", "optimizer", "optimizer_was_training", "optimizer_param_shapes")
+CHECKPOINT_KEYS = ("model", "model_at_y", "optimizer", "optimizer_class", "optimizer_was_training",
+                   "optimizer_param_shapes")
 
 
 def unwrap_optimizer(optimizer: Any, attribute: str = "points_at_x") -> Any:
@@ -61,6 +64,32 @@ def _optimizer_mode(optimizer: Any) -> bool | None:
     return bool(groups) and all(group.get("train_mode", False) for group in groups)
 
 
+def check_model_and_optimizer(model: Any, optimizer: Any) -> None:
+    """Raise unless ``model`` is a module and ``optimizer`` an optimizer that holds some of its parameters.
+
+    An optimizer of another model would otherwise be accepted, and the helpers below would save or
+    evaluate the training point y as if it were x.
+
+    Args:
+        model: what the user passed as the model.
+        optimizer: what the user passed as its optimizer (wrappers with ``.optimizer`` allowed).
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``, or ``optimizer`` has no ``param_groups``.
+        ValueError: none of the optimizer's parameters belongs to ``model``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"Invalid model: {type(model).__name__} (must be a torch.nn.Module)")
+    holder = unwrap_optimizer(optimizer, "param_groups")
+    if holder is None:
+        raise TypeError(f"Invalid optimizer: {type(optimizer).__name__} (must be a torch.optim.Optimizer, "
+                        "e.g. a schedule-free optimizer of mup_schedulefree)")
+    owned = {id(p) for p in model.parameters()}
+    if not any(id(p) in owned for group in holder.param_groups for p in group["params"]):
+        raise ValueError("Invalid optimizer: it holds none of the model's parameters (is it the optimizer of "
+                         "another model?)")
+
+
 def _set_optimizer_mode(optimizer: Any, train: bool | None) -> None:
     if train is None:
         return
@@ -83,6 +112,7 @@ def eval_mode(model: nn.Module, optimizer: Any) -> Iterator[None]:
         model: the model being trained.
         optimizer: its schedule-free optimizer.
     """
+    check_model_and_optimizer(model, optimizer)
     module_modes = [(module, module.training) for module in model.modules()]
     optimizer_mode = _optimizer_mode(optimizer)
     model.eval()
@@ -149,6 +179,7 @@ def state_dict_at_x(model: nn.Module, optimizer: Any) -> dict[str, Any]:
     Returns:
         A state dict loadable with ``model.load_state_dict``.
     """
+    check_model_and_optimizer(model, optimizer)
     return _at_x(model, optimizer)[0]
 
 
@@ -217,6 +248,8 @@ def _write(checkpoint: dict[str, Any], path: Any) -> None:
             torch.save(checkpoint, file)
             file.flush()
             os.fsync(file.fileno())
+        with contextlib.suppress(FileNotFoundError):   # keep who may read the file: 0600 stays 0600
+            os.chmod(temporary, stat.S_IMODE(os.stat(target).st_mode))
         os.replace(temporary, target)
     except BaseException as error:
         with contextlib.suppress(OSError):
@@ -258,6 +291,7 @@ def save_checkpoint(path: str | os.PathLike | Any, model: nn.Module, optimizer: 
     reserved = set(CHECKPOINT_KEYS) & extra.keys()
     if reserved:
         raise ValueError(f"extra entries {sorted(reserved)} collide with the checkpoint's own keys")
+    check_model_and_optimizer(model, optimizer)
     was_training = _optimizer_mode(optimizer)
     at_x, moved = _at_x(model, optimizer)
     now = model.state_dict()
@@ -266,15 +300,40 @@ def save_checkpoint(path: str | os.PathLike | Any, model: nn.Module, optimizer: 
         "model_at_y": {key: now[key] for key in moved},
         "optimizer": optimizer.state_dict(),
         "optimizer_was_training": was_training,
+        "optimizer_class": _class_name(optimizer),
         "optimizer_param_shapes": [[tuple(p.shape) for p in group["params"]] for group in optimizer.param_groups],
         **extra,
     }
     _write(checkpoint, path)
 
 
+def _check_crcs(path: Any, name: Any) -> None:
+    """Raise ValueError naming the file if a record of its zip archive fails its CRC-32.
+
+    torch's reader does not check them, so a flipped bit inside a tensor would load as a wrong
+    number. Costs one read of the file. A file object is checked if it can seek, then rewound.
+    """
+    if not isinstance(path, (str, os.PathLike)) and not (hasattr(path, "seek") and hasattr(path, "tell")):
+        return
+    start = None if isinstance(path, (str, os.PathLike)) else path.tell()
+    try:
+        if not zipfile.is_zipfile(path):
+            return
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, EOFError, OSError, RuntimeError):
+        return  # torch's reader reports a damaged archive with its own error, translated in _read
+    finally:
+        if start is not None:
+            path.seek(start)
+    if bad is not None:
+        raise ValueError(f"checkpoint {name!r} is corrupted: record {bad!r} fails its CRC check")
+
+
 def _read(path: Any, map_location: Any, weights_only: bool) -> Any:
     """``torch.load``, with one error naming the file for a truncated, corrupted or refused one."""
     name = _display(path)
+    _check_crcs(path, name)
     try:
         return torch.load(path, map_location=map_location, weights_only=weights_only)
     except pickle.UnpicklingError as error:
@@ -293,6 +352,9 @@ def _read(path: Any, map_location: Any, weights_only: bool) -> Any:
         if "PytorchStreamReader" not in str(error):
             raise
         raise ValueError(f"checkpoint {name!r} is truncated or corrupted: {_first_sentence(error)}") from error
+    except (KeyError, IndexError, TypeError, AttributeError, ValueError) as error:  # a damaged or foreign pickle
+        raise ValueError(f"checkpoint {name!r} is not a checkpoint or is corrupted: "
+                         f"{type(error).__name__}: {_first_line(error)}") from error
 
 
 def _shape(value: Any) -> tuple[int, ...] | None:
@@ -315,12 +377,20 @@ def _check_model_fits(name: Any, model: nn.Module, checkpoint: dict[str, Any]) -
                                  f"in the checkpoint and {_shape(expected[key])} in the model")
 
 
+def _class_name(optimizer: Any) -> str:
+    """The name of the optimizer class inside framework wrappers: what a checkpoint records."""
+    return type(unwrap_optimizer(optimizer, "param_groups")).__name__
+
+
 def _check_optimizer_fits(name: Any, model: nn.Module, optimizer: Any, checkpoint: dict[str, Any]) -> None:
     """Raise ValueError unless the saved optimizer state pairs with ``optimizer``'s parameters.
 
     Pairs group by group, parameter by parameter, as ``Optimizer.load_state_dict`` does, and
     compares each parameter's shape with the one recorded at save time.
     """
+    saved_class, this_class = checkpoint.get("optimizer_class"), _class_name(optimizer)
+    if saved_class is not None and saved_class != this_class:
+        raise ValueError(f"checkpoint {name!r} holds the state of a {saved_class}, this optimizer is a {this_class}")
     saved_groups = checkpoint["optimizer"].get("param_groups") if isinstance(checkpoint["optimizer"], dict) else None
     if not isinstance(saved_groups, list):
         raise ValueError(f"checkpoint {name!r} has no optimizer param_groups: it was not written by save_checkpoint")
@@ -383,6 +453,10 @@ def load_checkpoint(path: str | os.PathLike | Any, model: nn.Module, optimizer: 
     if not isinstance(checkpoint, dict) or any(key not in checkpoint for key in ("model", "optimizer")):
         raise ValueError(f"checkpoint {name!r} has no 'model' and 'optimizer' entries: "
                          "it was not written by save_checkpoint")
+    if optimizer is not None:
+        check_model_and_optimizer(model, optimizer)
+    elif not isinstance(model, nn.Module):
+        raise TypeError(f"Invalid model: {type(model).__name__} (must be a torch.nn.Module)")
     _check_model_fits(name, model, checkpoint)
     if optimizer is None:
         model.load_state_dict(checkpoint["model"])
@@ -403,6 +477,28 @@ def load_checkpoint(path: str | os.PathLike | Any, model: nn.Module, optimizer: 
     return {key: value for key, value in checkpoint.items() if key not in CHECKPOINT_KEYS}
 
 
+@contextlib.contextmanager
+def _parameters_at_x(model: nn.Module, optimizer: Any) -> Iterator[None]:
+    """Parameters hold x inside; on exit each gets back its exact previous bits. The optimizer is
+    not switched. Optimizers without ``points_at_x`` fall back to :func:`eval_mode`."""
+    holder = unwrap_optimizer(optimizer)
+    if holder is None:
+        with eval_mode(model, optimizer):
+            yield
+        return
+    points = holder.points_at_x()
+    held = {p: p.detach().clone() for p in points}
+    try:
+        with torch.no_grad():
+            for p, point in points.items():
+                p.copy_(point)
+        yield
+    finally:
+        with torch.no_grad():
+            for p, value in held.items():
+                p.copy_(value)
+
+
 def _default_forward(model: nn.Module, batch: Any) -> Any:
     if isinstance(batch, (tuple, list)):
         return model(batch[0])
@@ -417,9 +513,10 @@ def recalibrate_batchnorm(model: nn.Module, optimizer: Any, batches: Iterable[An
     """Recompute every BatchNorm's running statistics at x, the point that will be evaluated.
 
     Running statistics are reset and re-estimated as an exact average over ``batches`` (BatchNorm
-    momentum None), with the optimizer in eval mode. Afterwards the optimizer returns to its mode
-    (and the parameters to the point it implies) and every module to its own train/eval flag,
-    keeping the new statistics. Nothing else in the model changes.
+    momentum None), with the parameters at x (computed out of place, see :func:`state_dict_at_x`).
+    Afterwards every parameter holds exactly what it held before (its bits, not a recomputation),
+    the optimizer is untouched, and every module has its own train/eval flag back, keeping the
+    new statistics. Nothing else in the model changes.
 
     Example::
 
@@ -437,6 +534,7 @@ def recalibrate_batchnorm(model: nn.Module, optimizer: Any, batches: Iterable[An
     Returns:
         The number of batches used.
     """
+    check_model_and_optimizer(model, optimizer)
     norms = [m for m in model.modules() if isinstance(m, BATCHNORM) and m.track_running_stats]
     if not norms:
         return 0
@@ -448,7 +546,8 @@ def recalibrate_batchnorm(model: nn.Module, optimizer: Any, batches: Iterable[An
     module_modes = [(module, module.training) for module in model.modules()]
     momenta = [norm.momentum for norm in norms]
     count = 0
-    with eval_mode(model, optimizer):
+    model.eval()
+    with _parameters_at_x(model, optimizer):
         for norm in norms:
             norm.reset_running_stats()
             norm.momentum = None

@@ -481,3 +481,72 @@ def test_optimizer_that_refuses_the_state_half_way_is_put_back_and_the_model_unt
     with pytest.raises(RuntimeError, match="base refuses"):
         load_checkpoint(path, model, opt)
     assert_bitwise_equal(state(model, opt), before, "after the refused load")
+
+
+def test_saving_over_a_private_checkpoint_keeps_it_private(tmp_path, make_batches):
+    """A checkpoint the user made 0600 stays 0600 after another save replaces it (torch.save
+    writing in place keeps the mode too)."""
+    model, opt = trained(ADAMW, make_batches)
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, model, opt)
+    os.chmod(path, 0o600)
+    save_checkpoint(path, model, opt)
+    assert os.stat(path).st_mode & 0o777 == 0o600
+
+
+def test_a_flipped_bit_inside_a_tensor_is_refused_naming_the_file(tmp_path, make_batches):
+    """torch's reader does not check the zip records' CRC-32: the flipped bit would load as a
+    wrong weight. The record's stored CRC is the reference."""
+    import zipfile
+
+    model, opt = trained(ADAMW, make_batches)
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint(path, model, opt)
+    with zipfile.ZipFile(path) as archive:
+        record = next(info for info in archive.infolist() if "/data/" in info.filename and info.file_size >= 16)
+    raw = bytearray(path.read_bytes())
+    header = record.header_offset    # local header: name and extra-field lengths at bytes 26 and 28
+    start = header + 30 + int.from_bytes(raw[header + 26:header + 28], "little") \
+        + int.from_bytes(raw[header + 28:header + 30], "little")
+    raw[start + 4] ^= 0x40
+    path.write_bytes(bytes(raw))
+    fresh = mlp(1)
+    before = copy.deepcopy(fresh.state_dict())
+    with pytest.raises(ValueError, match=r"ckpt\.pt' is corrupted: record .* fails its CRC check"):
+        load_checkpoint(path, fresh)
+    assert_bitwise_equal(fresh.state_dict(), before)
+
+
+def test_a_file_that_is_not_a_checkpoint_is_refused_naming_the_file(tmp_path):
+    path = tmp_path / "notes.pt"
+    path.write_text("hello world")
+    with pytest.raises(ValueError, match=r"notes\.pt' is not a checkpoint or is corrupted"):
+        load_checkpoint(path, mlp())
+
+
+def test_state_of_another_optimizer_class_is_refused(tmp_path, make_batches):
+    """An AdamW-SF checkpoint loaded into SGD-SF would replace SGD's lr by AdamW's and add betas."""
+    model, opt = trained(ADAMW, make_batches)
+    save_checkpoint(tmp_path / "ckpt.pt", model, opt)
+    sgd_info = next(info for info in INFOS if info.name == "SGDScheduleFree")
+    other_model = mlp()
+    other = build(sgd_info, other_model)
+    with pytest.raises(ValueError, match="holds the state of a AdamWScheduleFree, this optimizer is a SGDScheduleFree"):
+        load_checkpoint(tmp_path / "ckpt.pt", other_model, other)
+
+
+@pytest.mark.parametrize("helper", ["state_dict_at_x", "save_checkpoint", "eval_mode"])
+def test_an_optimizer_of_another_model_or_none_is_refused(helper, tmp_path, make_batches):
+    """Each would otherwise hand back (or save, or evaluate) y as if it were x."""
+    from mup_schedulefree import eval_mode
+
+    model, _ = trained(ADAMW, make_batches)
+    _, other_opt = trained(ADAMW, make_batches, seed=1)
+    calls = {"state_dict_at_x": lambda opt: state_dict_at_x(model, opt),
+             "save_checkpoint": lambda opt: save_checkpoint(tmp_path / "ckpt.pt", model, opt),
+             "eval_mode": lambda opt: eval_mode(model, opt).__enter__()}
+    with pytest.raises(ValueError, match="Invalid optimizer: it holds none of the model's parameters"):
+        calls[helper](other_opt)
+    with pytest.raises(TypeError, match=r"Invalid optimizer: NoneType \(must be a torch.optim.Optimizer"):
+        calls[helper](None)
+    assert not (tmp_path / "ckpt.pt").exists()
