@@ -318,6 +318,7 @@ class GroupPlan(NamedTuple):
 
 
 def _flags(group: dict[str, Any]) -> tuple:
+    """The group entries a step plan depends on besides its tensors: fused, foreach, master_weights."""
     return group.get("fused"), group.get("foreach"), group.get("master_weights")
 
 
@@ -448,7 +449,7 @@ class ScheduleFreeCore(Optimizer):
         if not params:
             return
         masters = [None if p.dtype not in LOW_PRECISION or not group.get("master_weights", True)
-                   else self.state[p].get(MASTER, _MASTER_STAND_IN) for p in params]
+                   else self.state.get(p, {}).get(MASTER, _MASTER_STAND_IN) for p in params]
         lists = [[real_view(local(p)) for p in params], [real_view(local(p.grad)) for p in params]]
         for path, _, _, rows in kernels.route(lists, fused=True, foreach=group.get("foreach"), masters=masters,
                                               low_precision_grads=True):
