@@ -230,6 +230,12 @@ def _check_widths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
                          f"(the head count), got {bad}")
     if len(set(args.seeds)) != len(args.seeds):
         parser.error(f"argument --seeds: seeds must be distinct, got {args.seeds}")
+    if not args.out.strip():
+        parser.error("argument --out: empty folder name (use --out . for the current folder)")
+    if getattr(args, "horizon", None) is None and getattr(args, "sequence", None) is not None \
+            and args.steps is not None and args.steps < 2:
+        parser.error(f"argument --steps: at least 2, got {args.steps} (step 1 is the initialisation, "
+                     "before any update: there would be nothing to judge)")
     if getattr(args, "wds", None) and args.eval_steps:
         parser.error("argument --wds: not with --eval-steps (sweep the grid at one horizon)")
     too_late = [s for s in getattr(args, "eval_steps", None) or () if s > args.steps]
@@ -660,3 +666,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (``| head``): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141

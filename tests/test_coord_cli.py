@@ -59,6 +59,8 @@ def test_transfer_subcommand_writes_sweep_and_prints_drift(tmp_path):
      (["--model", "resnet"], "argument --model: invalid choice: 'resnet'"),
      (["--optimizer", "lion"], "argument --optimizer: invalid choice: 'lion'"),
      (["--steps", "0"], "argument --steps: expected a positive integer, got 0"),
+     (["--steps", "1"], "argument --steps: at least 2, got 1 (step 1 is the initialisation"),
+     (["--out", ""], "argument --out: empty folder name"),
      (["--lr", "-1"], "argument --lr: expected a positive number up to 1e+06, got -1"),
      (["--sequence", "z"], "argument --sequence: invalid choice: 'z'"),
      (["--model", "transformer", "--widths", "32", "34"], "multiples of 4"),
