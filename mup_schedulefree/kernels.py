@@ -395,7 +395,7 @@ def _eager_wrapper_exit(params, zs, *, ckp1, to_y) -> None:
 
 
 def wrapper_enter_(params: Tensors, zs: Tensors, *, decay: float, momentum: float, foreach: bool | None = False,
-                   fused: bool | None = False) -> None:
+                   fused: bool | None = False, prepared: Callable[..., None] | None = None) -> None:
     """ScheduleFreeWrapper, before the base step: put z in the parameters and keep x in the z slots.
 
     With d = decay:  z <- z - d y;  y <- (1 - d (1 - momentum)) y   (decay taken at y, if d != 0)
@@ -408,13 +408,15 @@ def wrapper_enter_(params: Tensors, zs: Tensors, *, decay: float, momentum: floa
         momentum: interpolation y = (1 - momentum) z + momentum x.
         foreach: use list-wide ``_foreach`` operations instead of a per-tensor loop (None: off the CPU).
         fused: use the native single-pass kernel for supported tensors, no temporaries (None: on the CPU).
+        prepared: the native call a wrapper plan bound to these very lists (``native.Prepared``); it
+            runs instead of routing the lists anew.
     """
     scalars = dict(decay=decay, y_scale=1.0 - decay * (1.0 - momentum), to_x=1.0 - 1.0 / momentum)
-    _dispatch("wrapper_enter_", _eager_wrapper_enter, [params, zs], scalars, foreach, fused)
+    _dispatch("wrapper_enter_", _eager_wrapper_enter, [params, zs], scalars, foreach, fused, prepared=prepared)
 
 
 def wrapper_exit_(params: Tensors, zs: Tensors, *, ckp1: float, momentum: float, foreach: bool | None = False,
-                  fused: bool | None = False) -> None:
+                  fused: bool | None = False, prepared: Callable[..., None] | None = None) -> None:
     """ScheduleFreeWrapper, after the base step: average z into x, form y, and put z back.
 
     x <- lerp(x, z, ckp1);  y <- lerp(x, z, 1 - momentum);  p <- y;  zslot <- z.
@@ -426,9 +428,10 @@ def wrapper_exit_(params: Tensors, zs: Tensors, *, ckp1: float, momentum: float,
         momentum: interpolation y = (1 - momentum) z + momentum x.
         foreach: use list-wide ``_foreach`` operations instead of a per-tensor loop (None: off the CPU).
         fused: use the native single-pass kernel for supported tensors, no temporaries (None: on the CPU).
+        prepared: the native call a wrapper plan bound to these very lists (see :func:`wrapper_enter_`).
     """
     _dispatch("wrapper_exit_", _eager_wrapper_exit, [params, zs], dict(ckp1=ckp1, to_y=1.0 - momentum),
-              foreach, fused)
+              foreach, fused, prepared=prepared)
 
 
 def group_by_device_and_dtype(lists: Sequence[Tensors]) -> list[list[list[torch.Tensor]]]:

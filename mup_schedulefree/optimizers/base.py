@@ -517,7 +517,7 @@ class ScheduleFreeCore(Optimizer):
                     pointers=[p.data_ptr() for p in active], states=states,
                     state_tensors={key: [st.get(key) for st in states] for key in keys}, flags=_flags(group),
                     calls=None)
-        if lib is None or not self._native_op or any(p.is_complex() for p in active):
+        if lib is None or not self._native_op or any(p.is_complex() or local(p) is not p for p in active):
             return GroupPlan(**plan)
         calls = []
         *lists, masters = self._lists(active)

@@ -19,6 +19,7 @@ prefix (``weight_decay_at_y`` excepted) so they cannot collide with the base's.
 """
 from __future__ import annotations
 
+import operator
 from typing import Any, Callable
 
 import torch
@@ -102,6 +103,7 @@ class ScheduleFreeWrapper(Optimizer):
             param_group = self.base.param_groups[-1]
         _check_group({**self.defaults, **param_group})
         super().add_param_group(param_group)
+        self._plans = None
 
     @property
     def train_mode(self) -> bool:
@@ -157,10 +159,6 @@ class ScheduleFreeWrapper(Optimizer):
         """The wrapper's own kernel flags of ``group``, for ``kernels.route`` to resolve."""
         return dict(fused=group.get(PREFIX + "fused"), foreach=group.get(PREFIX + "foreach"))
 
-    def _leave(self, group: dict[str, Any], params: list[torch.Tensor], ckp1: float) -> None:
-        """Average the new z (held by the parameters) into x (held by the z slots), form y, trade back."""
-        kernels.wrapper_exit_(*self._pair(params), ckp1=ckp1, momentum=group[PREFIX + "momentum"], **self._flags(group))
-
     @kernels.compile_disabled
     @torch.no_grad()
     def train(self) -> None:
@@ -185,30 +183,86 @@ class ScheduleFreeWrapper(Optimizer):
             The closure's loss, or None.
         """
         loss = train_mode_closure(self, closure)
-        self._align_state()
-        active = []
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            active.append(params)
-            for p in params:
-                if "z" not in self.state[p]:
-                    self.state[p]["z"] = p.detach().clone(memory_format=torch.preserve_format)
+        passes = self._cached_passes()
+        if passes is None:
+            self._align_state()
+            passes = []
+            for group in self.param_groups:
+                params = [p for p in group["params"] if p.grad is not None]
+                for p in params:
+                    if "z" not in self.state[p]:
+                        self.state[p]["z"] = p.detach().clone(memory_format=torch.preserve_format)
+                passes.append((self._pair(params), None, None))
+            self._plans = None
+        for group, (pair, enter, _) in zip(self.param_groups, passes):
             decay = float(group["lr"]) * group["weight_decay_at_y"]
-            kernels.wrapper_enter_(*self._pair(params), decay=decay, momentum=group[PREFIX + "momentum"],
-                                   **self._flags(group))
+            kernels.wrapper_enter_(*pair, decay=decay, momentum=group[PREFIX + "momentum"], **self._flags(group),
+                                   prepared=enter)
         try:
             self.base.step()
         except BaseException:
             # Put y and z back where they belong (x unchanged, schedule not advanced) before raising.
-            for group, params in zip(self.param_groups, active):
-                self._leave(group, params, 0.0)
+            for group, (pair, _, leave) in zip(self.param_groups, passes):
+                kernels.wrapper_exit_(*pair, ckp1=0.0, momentum=group[PREFIX + "momentum"], **self._flags(group),
+                                      prepared=leave)
             raise
         share_lr_ratios(self.param_groups, PREFIX, PREFIX + "weight_lr_power")
-        for group, params in zip(self.param_groups, active):
+        for group, (pair, _, leave) in zip(self.param_groups, passes):
             _, ckp1 = advance_schedule(group, float(group.get("d", 1.0)), r_key=PREFIX + "r",
                                        power_key=PREFIX + "weight_lr_power", prefix=PREFIX)
-            self._leave(group, params, ckp1)
+            kernels.wrapper_exit_(*pair, ckp1=ckp1, momentum=group[PREFIX + "momentum"], **self._flags(group),
+                                  prepared=leave)
+        if self._plans is None:
+            self._plans = [self._plan(group) for group in self.param_groups]
         return loss
+
+    def _plan(self, group: dict[str, Any]) -> tuple | None:
+        """The group's entry and exit passes bound to its points and z slots, for the next steps.
+
+        Reused by :meth:`_cached_passes` while the group's parameters are the same objects with the
+        same storage, the same of them have gradients, their z slots are the same tensors and the
+        wrapper's flags are unchanged; ``load_state_dict`` and ``add_param_group`` drop the plans.
+        None where some pass would not run natively (the full path then runs every step).
+        """
+        lib = kernels._native()
+        params = group["params"]
+        has_grad = [p.grad is not None for p in params]
+        active = [p for p, has in zip(params, has_grad) if has]
+        if lib is None or any(local(p) is not p for p in active):  # DTensors: their shards are views made anew
+            return None
+        pair = self._pair(active)
+        flags = self._flags(group)
+        if any(r.path != "native" for r in kernels.route(list(pair), **flags)):
+            return None
+        try:
+            enter, leave = lib.Prepared("wrapper_enter_", pair), lib.Prepared("wrapper_exit_", pair)
+        except (TypeError, ValueError):
+            return None
+        return (params, tuple(params), has_grad, [p.data_ptr() for p in active], list(pair[1]), flags,
+                (pair, enter, leave))
+
+    def _cached_passes(self) -> list | None:
+        """Every group's (points and z slots, entry call, exit call) from its plan, or None for the full path."""
+        plans = getattr(self, "_plans", None)
+        if plans is None or len(plans) != len(self.param_groups):
+            return None
+        passes = []
+        for group, plan in zip(self.param_groups, plans):
+            if plan is None:
+                return None
+            params_list, params_tuple, has_grad, pointers, zs, flags, bound = plan
+            params = group["params"]
+            if (params is not params_list or len(params) != len(params_tuple)
+                    or not all(map(operator.is_, params, params_tuple))
+                    or [p.grad is not None for p in params] != has_grad or self._flags(group) != flags):
+                return None
+            active = [p for p in params if p.grad is not None]
+            if [p.data_ptr() for p in active] != pointers:
+                return None
+            if not all(map(operator.is_, (self.state[p].get("z") for p in active), zs)):
+                return None
+            passes.append(bound)
+        return passes
 
     def state_dict(self) -> dict[str, Any]:
         """The wrapper's state (z, mode, averaging) with the base optimizer's under ``"base"``.
@@ -228,6 +282,7 @@ class ScheduleFreeWrapper(Optimizer):
             raise ValueError("Invalid state_dict: it has no 'base' entry, so it was not saved by "
                              "ScheduleFreeWrapper.state_dict() (a published wrapper's does not say whether "
                              "the parameters held x or y)")
+        self._plans = None
         own = {key: value for key, value in state_dict.items() if key != "base"}
         own["param_groups"] = [upgrade_saved_group(g, PREFIX, PREFIX + "weight_lr_power") for g in own["param_groups"]]
         super().load_state_dict(own)
