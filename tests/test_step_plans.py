@@ -107,6 +107,14 @@ def _replace_state_tensor(params, opt):
     opt.state[params[0]]["z"] = opt.state[params[0]]["z"].clone() + 1.0
 
 
+def _swap_state_storage(params, opt):
+    """Same tensor objects, new storage (as ``state["z"].data = ...`` in an ``optimizer_to(device)``
+    snippet); the old storage is freed, so a call still bound to it would write into freed memory."""
+    for value in opt.state[params[0]].values():
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            value.data = value.data.clone()
+
+
 def _replace_state_dict(params, opt):
     opt.state[params[2]] = {key: value.clone() for key, value in opt.state[params[2]].items()}
 
@@ -121,6 +129,7 @@ def _nothing(params, opt):
 
 CHANGES = {"add_param_group": _add_group, "load_state_dict": _load_state, "parameter storage": _new_storage,
            "dtype to bfloat16": _to_bfloat16, "a state tensor replaced": _replace_state_tensor,
+           "state storage swapped under the same tensors": _swap_state_storage,
            "a state dict replaced": _replace_state_dict, "fused=False set in the group": _eager_flag}
 
 
@@ -233,6 +242,7 @@ WRAPPERS = {"wrapper(SGD)": lambda ps: ScheduleFreeWrapper(torch.optim.SGD(ps, l
 # change -> whether the step after the one that rebuilt the plan takes a plan again
 WRAPPER_CHANGES = {"add_param_group": (_add_group, True), "load_state_dict": (_load_state, True),
                    "parameter storage": (_new_storage, True), "a z slot replaced": (_replace_state_tensor, True),
+                   "z storage swapped under the same tensor": (_swap_state_storage, True),
                    "a state dict replaced": (_replace_state_dict, True), "dtype to bfloat16": (_to_bfloat16, False),
                    "sf_fused=False set in the group": (_wrapper_flag, False)}
 

@@ -312,9 +312,15 @@ class GroupPlan(NamedTuple):
     pointers: list                         # the data pointers of those that had one
     states: list                           # their state dicts
     state_tensors: dict                    # state key -> the tensors the calls were bound to
+    state_pointers: dict                   # state key -> their data pointers (``.data =`` keeps the object)
     flags: tuple                           # the group's fused, foreach and master_weights
     calls: list | None                     # (native.Prepared, rows of the active parameters it takes,
                                            #  its lists with None for the gradients, its masters)
+
+
+def _pointers(tensors: Iterable[torch.Tensor | None]) -> list:
+    """Data pointers of ``tensors`` (None stays None): what a bound native call writes through."""
+    return [None if t is None else t.data_ptr() for t in tensors]
 
 
 def _flags(group: dict[str, Any]) -> tuple:
@@ -515,8 +521,9 @@ class ScheduleFreeCore(Optimizer):
         keys = ("z", *self._moment_keys) + ((MASTER,) if any(MASTER in st for st in states) else ())
         plan = dict(params_list=params, params=tuple(params), has_grad=has_grad,
                     pointers=[p.data_ptr() for p in active], states=states,
-                    state_tensors={key: [st.get(key) for st in states] for key in keys}, flags=_flags(group),
-                    calls=None)
+                    state_tensors={key: [st.get(key) for st in states] for key in keys},
+                    state_pointers={key: _pointers(st.get(key) for st in states) for key in keys},
+                    flags=_flags(group), calls=None)
         if lib is None or not self._native_op or any(p.is_complex() or local(p) is not p for p in active):
             return GroupPlan(**plan)
         calls = []
@@ -563,6 +570,8 @@ class ScheduleFreeCore(Optimizer):
                 return None
             for key, tensors in plan.state_tensors.items():
                 if not all(map(operator.is_, map(operator.methodcaller("get", key), plan.states), tensors)):
+                    return None
+                if _pointers(tensors) != plan.state_pointers[key]:  # storage swapped under the same object
                     return None
             grads = [g for g in grads if g is not None]
             calls = []

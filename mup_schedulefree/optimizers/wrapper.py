@@ -220,8 +220,9 @@ class ScheduleFreeWrapper(Optimizer):
         """The group's entry and exit passes bound to its points and z slots, for the next steps.
 
         Reused by :meth:`_cached_passes` while the group's parameters are the same objects with the
-        same storage, the same of them have gradients, their z slots are the same tensors and the
-        wrapper's flags are unchanged; ``load_state_dict`` and ``add_param_group`` drop the plans.
+        same storage, the same of them have gradients, their z slots are the same tensors on the same
+        storage and the wrapper's flags are unchanged; ``load_state_dict`` and ``add_param_group``
+        drop the plans.
         None where some pass would not run natively (the full path then runs every step).
         """
         lib = kernels._native()
@@ -238,8 +239,8 @@ class ScheduleFreeWrapper(Optimizer):
             enter, leave = lib.Prepared("wrapper_enter_", pair), lib.Prepared("wrapper_exit_", pair)
         except (TypeError, ValueError):
             return None
-        return (params, tuple(params), has_grad, [p.data_ptr() for p in active], list(pair[1]), flags,
-                (pair, enter, leave))
+        return (params, tuple(params), has_grad, [p.data_ptr() for p in active], list(pair[1]),
+                [z.data_ptr() for z in pair[1]], flags, (pair, enter, leave))
 
     def _cached_passes(self) -> list | None:
         """Every group's (points and z slots, entry call, exit call) from its plan, or None for the full path."""
@@ -250,7 +251,7 @@ class ScheduleFreeWrapper(Optimizer):
         for group, plan in zip(self.param_groups, plans):
             if plan is None:
                 return None
-            params_list, params_tuple, has_grad, pointers, zs, flags, bound = plan
+            params_list, params_tuple, has_grad, pointers, zs, z_pointers, flags, bound = plan
             params = group["params"]
             if (params is not params_list or len(params) != len(params_tuple)
                     or not all(map(operator.is_, params, params_tuple))
@@ -260,6 +261,8 @@ class ScheduleFreeWrapper(Optimizer):
             if [p.data_ptr() for p in active] != pointers:
                 return None
             if not all(map(operator.is_, (self.state[p].get("z") for p in active), zs)):
+                return None
+            if [z.data_ptr() for z in zs] != z_pointers:  # storage swapped under the same object
                 return None
             passes.append(bound)
         return passes
