@@ -188,7 +188,9 @@ _BETAS_ERRORS = (
     ErrorInput(dict(betas=(0.9, -0.125)), "betas", -0.125),
     ErrorInput(dict(eps=-1e-8), "eps", -1e-8),
 )
-_WARMUP_ERRORS = (ErrorInput(dict(warmup_steps=-3), "warmup_steps", -3),)
+_WARMUP_ERRORS = (ErrorInput(dict(warmup_steps=-3), "warmup_steps", -3),
+                  ErrorInput(dict(warmup_steps=None), "warmup_steps", None, error=TypeError),
+                  ErrorInput(dict(warmup_steps=2.5), "warmup_steps", 2.5, error=TypeError))
 _MOMENTUM_ERRORS = (
     ErrorInput(dict(momentum=1.0), "momentum", 1.0),
     ErrorInput(dict(momentum=0.0), "momentum", 0.0),

@@ -95,7 +95,7 @@ def check_common(group: dict[str, Any]) -> None:
     if "warmup_steps" in group:
         warmup = group["warmup_steps"]
         if isinstance(warmup, bool) or not isinstance(warmup, int):
-            raise ValueError(f"Invalid warmup_steps: {warmup!r} (must be a non-negative int)")
+            raise TypeError(f"Invalid warmup_steps: {warmup!r} (must be a non-negative int, got {type(warmup).__name__})")
         check_range("warmup_steps", warmup, 0.0)
     check_flags(group)
 
@@ -415,6 +415,19 @@ class ScheduleFreeCore(Optimizer):
             if tensor.dtype != state_dtype or tensor.device != p.device:
                 state[key] = tensor.to(device=p.device, dtype=state_dtype)
 
+    def _check_groups(self) -> None:
+        """Validate every group's hyperparameters again before a step; change nothing if one fails.
+
+        Groups can be edited between steps (``param_groups[i]["lr"] = ...``, a scheduler, a loaded
+        state dict), and a value that fails half way through a step would leave earlier groups
+        stepped and later ones not. The error names the group.
+        """
+        for index, group in enumerate(self.param_groups):
+            try:
+                self._validate(group)
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"{error} in param_groups[{index}]") from None
+
     def _check_state(self) -> None:
         """Raise, naming the parameter, if some state no longer fits its parameter; change nothing.
 
@@ -611,6 +624,11 @@ class ScheduleFreeCore(Optimizer):
         """
         check_is_state_dict(self, state_dict)
         state_dict = {**state_dict, "param_groups": [upgrade_saved_group(g) for g in state_dict["param_groups"]]}
+        for index, saved in enumerate(state_dict["param_groups"]):
+            try:
+                self._validate({**self.defaults, **saved})
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"Invalid state_dict: {error} in its param_groups[{index}]") from None
         self._plans = None
         super().load_state_dict(state_dict)
         for group in self.param_groups:  # a published state dict lacks this package's own keys
@@ -685,6 +703,7 @@ class ModalForm(ScheduleFreeCore):
     def _begin_step(self, closure: Callable[[], Any] | None) -> Any:
         """Refuse a step outside train mode, evaluate the closure, share this step's lr ratios."""
         loss = train_mode_closure(self, closure)
+        self._check_groups()
         self._check_state()
         self._check_gradients()
         share_lr_ratios(self.param_groups)
@@ -741,6 +760,7 @@ class PrimalForm(ModalForm):
             The closure's loss, or None.
         """
         loss = train_mode_closure(self, closure)
+        self._check_groups()
         ready = self._cached_step_plans()
         if ready is not None:
             share_lr_ratios(self.param_groups)
@@ -789,6 +809,7 @@ class ClosureForm(ScheduleFreeCore):
         """
         if closure is None or not callable(closure):
             raise TypeError(f"{type(self).__name__}.step(closure) requires a callable closure, got {closure!r}")
+        self._check_groups()
         self._check_state()
         with torch.no_grad():
             self._move_all(to_y=True)

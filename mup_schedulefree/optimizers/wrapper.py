@@ -35,6 +35,8 @@ PREFIX = "sf_"
 
 def _check_group(group: dict[str, Any]) -> None:
     check_flags(group, PREFIX)
+    if "lr" in group:  # the base's lr, in a group (the wrapper's defaults have none)
+        check_range("lr", group["lr"], 0.0)
     check_range("weight_decay_at_y", group["weight_decay_at_y"], 0.0)
     check_range("momentum", group[PREFIX + "momentum"], 0.0, 1.0, low_open=True)
     check_range("r", group[PREFIX + "r"], 0.0)
@@ -74,6 +76,10 @@ class ScheduleFreeWrapper(Optimizer):
                  fused: bool | None = None) -> None:
         if not isinstance(base, Optimizer):
             raise TypeError(f"base must be a torch.optim.Optimizer instance, got {type(base).__name__}")
+        if callable(getattr(base, "points_at_x", None)) or any(key.startswith(PREFIX) for g in base.param_groups
+                                                                for key in g):
+            raise TypeError(f"base is already schedule-free ({type(base).__name__}): wrap a plain torch optimizer "
+                            "(the two would share their averaging state)")
         self.base = base
         defaults = {PREFIX + key: value for key, value in SCHEDULE_DEFAULTS.items()}
         defaults.update({"weight_decay_at_y": weight_decay_at_y, PREFIX + "momentum": momentum,
@@ -183,6 +189,11 @@ class ScheduleFreeWrapper(Optimizer):
             The closure's loss, or None.
         """
         loss = train_mode_closure(self, closure)
+        for index, group in enumerate(self.param_groups):  # groups may have been edited since: check first
+            try:
+                _check_group(group)
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"{error} in param_groups[{index}]") from None
         passes = self._cached_passes()
         if passes is None:
             self._align_state()
