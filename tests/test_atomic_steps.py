@@ -199,3 +199,14 @@ def test_a_wrapper_refuses_a_base_that_is_already_schedule_free(inner, make_mode
             else msf.AdamWScheduleFree(params))
     with pytest.raises(TypeError, match="base is already schedule-free"):
         msf.ScheduleFreeWrapper(base)
+
+
+@pytest.mark.parametrize("info", OWN_STEP, ids=str)
+def test_a_refused_first_step_leaves_a_new_optimizer_exactly_new(info, make_model, make_batches):
+    """No empty per-parameter state entries appear from looking for state that does not exist."""
+    model = make_model(0)
+    opt = info.make(param_groups(info, list(model.parameters()), info.configs[0]), info.configs[0])
+    fresh = copy.deepcopy(opt.state_dict())
+    with pytest.raises(RuntimeError, match="does not support sparse gradients"):
+        _step_with_sparse_gradient_on_the_last_parameter(info, opt, model, make_batches(1)[0])
+    assert_bitwise_equal(opt.state_dict(), fresh)

@@ -401,8 +401,8 @@ class ScheduleFreeCore(Optimizer):
         ``model.cuda()``) keeps training instead of failing on mismatched tensors; the state is
         converted as ``torch.optim.Optimizer.load_state_dict`` converts it.
         """
-        state = self.state[p]
-        if "z" not in state:
+        state = self.state.get(p)
+        if state is None or "z" not in state:  # .get: looking must not create an empty entry
             return
         master = group.get("master_weights", True) and p.dtype in LOW_PRECISION
         state_dtype = torch.float32 if master else p.dtype
@@ -436,7 +436,7 @@ class ScheduleFreeCore(Optimizer):
         """
         for group in self.param_groups:
             for index, p in enumerate(group["params"]):
-                z = self.state[p].get("z")
+                z = self.state.get(p, {}).get("z")
                 if z is not None and z.shape != p.shape:
                     raise ValueError(f"optimizer state of {describe_parameter(group, index, p)} has shape "
                                      f"{tuple(z.shape)}: was the state dict saved from another model?")
@@ -719,7 +719,7 @@ class PrimalForm(ModalForm):
                 continue
             beta = self._beta(group)
             weight = 1.0 - beta if to_train else 1.0 - 1.0 / beta
-            self._move_points(group, [p for p in group["params"] if "z" in self.state[p]], weight)
+            self._move_points(group, [p for p in group["params"] if "z" in self.state.get(p, ())], weight)
             group["train_mode"] = to_train
 
     @kernels.compile_disabled
@@ -737,7 +737,7 @@ class PrimalForm(ModalForm):
         """
         points: dict[torch.Tensor, torch.Tensor] = {}
         for group in self.param_groups:
-            params = [p for p in group["params"] if "z" in self.state[p]]
+            params = [p for p in group["params"] if "z" in self.state.get(p, ())]
             if not group["train_mode"] or not params:
                 continue
             for p in params:
@@ -825,7 +825,7 @@ class ClosureForm(ScheduleFreeCore):
             share_lr_ratios(self.param_groups)
             for group in self.param_groups:
                 active = [p for p in group["params"] if p.grad is not None]
-                idle = [p for p in group["params"] if p.grad is None and "z" in self.state[p]]
+                idle = [p for p in group["params"] if p.grad is None and "z" in self.state.get(p, ())]
                 self._step_group(group, active, closure_form=True)
                 self._move_points(group, idle, 1.0 - 1.0 / self._beta(group))
         return loss
@@ -834,5 +834,5 @@ class ClosureForm(ScheduleFreeCore):
         """Move every parameter with state from x to y, or back (the closure failed)."""
         for group in self.param_groups:
             beta = self._beta(group)
-            self._move_points(group, [p for p in group["params"] if "z" in self.state[p]],
+            self._move_points(group, [p for p in group["params"] if "z" in self.state.get(p, ())],
                               1.0 - beta if to_y else 1.0 - 1.0 / beta)

@@ -23,7 +23,7 @@ class _ReferenceForm(ModalForm):
 
     def _align_state(self, group: dict[str, Any], p: torch.Tensor) -> None:
         """Keep every stored point and moment on the parameter's device and in its dtype."""
-        state = self.state[p]
+        state = self.state.get(p, {})  # .get: looking must not create an empty entry
         for key, value in state.items():
             if value.dtype != p.dtype or value.device != p.device:
                 state[key] = value.to(device=p.device, dtype=p.dtype)
@@ -33,7 +33,7 @@ class _ReferenceForm(ModalForm):
         for group in self.param_groups:
             if group["train_mode"] != to_train:
                 for p in group["params"]:
-                    if key in self.state[p]:
+                    if key in self.state.get(p, ()):
                         p.copy_(self.state[p][key])
                 group["train_mode"] = to_train
 
@@ -46,7 +46,7 @@ class _ReferenceForm(ModalForm):
             A dict mapping parameter -> its value at x (see :meth:`PrimalForm.points_at_x`).
         """
         return {p: self.state[p]["x"].clone() for group in self.param_groups if group["train_mode"]
-                for p in group["params"] if "x" in self.state[p]}
+                for p in group["params"] if "x" in self.state.get(p, ())}
 
     def _direction(self, group: dict[str, Any], state: dict[str, torch.Tensor], grad: torch.Tensor,
                    k: int) -> torch.Tensor:

@@ -120,7 +120,7 @@ class ScheduleFreeWrapper(Optimizer):
         """Keep every z slot on its parameter's device and in its dtype (after ``model.to(...)``)."""
         for group in self.param_groups:
             for p in group["params"]:
-                z = self.state[p].get("z")
+                z = self.state.get(p, {}).get("z")
                 if z is not None and (z.dtype != p.dtype or z.device != p.device):
                     self.state[p]["z"] = z.to(device=p.device, dtype=p.dtype)
 
@@ -130,7 +130,7 @@ class ScheduleFreeWrapper(Optimizer):
             if group[PREFIX + "train_mode"] == to_train:
                 continue
             beta = group[PREFIX + "momentum"]
-            params = [p for p in group["params"] if "z" in self.state[p]]
+            params = [p for p in group["params"] if "z" in self.state.get(p, ())]
             kernels.lerp_(*self._pair(params), 1.0 - beta if to_train else 1.0 - 1.0 / beta, **self._flags(group))
             group[PREFIX + "train_mode"] = to_train
 
@@ -147,7 +147,7 @@ class ScheduleFreeWrapper(Optimizer):
         """
         points: dict[torch.Tensor, torch.Tensor] = {}
         for group in self.param_groups:
-            params = [p for p in group["params"] if "z" in self.state[p]]
+            params = [p for p in group["params"] if "z" in self.state.get(p, ())]
             if not group[PREFIX + "train_mode"] or not params:
                 continue
             copies = [p.detach().clone(memory_format=torch.preserve_format) for p in params]
