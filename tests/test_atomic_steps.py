@@ -189,14 +189,20 @@ def test_a_state_dict_with_an_invalid_group_is_refused_at_load(info, make_model,
     assert_bitwise_equal(opt.state_dict(), before)
 
 
-@pytest.mark.parametrize("inner", ["wrapper", "AdamWScheduleFree"])
+@pytest.mark.parametrize("inner", ["wrapper", "AdamWScheduleFree", "AdamWScheduleFreeClosure", "published"])
 def test_a_wrapper_refuses_a_base_that_is_already_schedule_free(inner, make_model):
-    """Both would keep their averaging under the same group keys: x ended 100x worse in a probe."""
+    """Two schedule-free averages stacked: with our wrapper inside, both keep their averaging under
+    the same group keys (x ended 100x worse in a probe); with another schedule-free optimizer,
+    z would be averaged twice."""
+    import schedulefree
+
     import mup_schedulefree as msf
 
     params = list(make_model(0).parameters())
-    base = (msf.ScheduleFreeWrapper(torch.optim.SGD(params, lr=0.1)) if inner == "wrapper"
-            else msf.AdamWScheduleFree(params))
+    base = {"wrapper": lambda: msf.ScheduleFreeWrapper(torch.optim.SGD(params, lr=0.1)),
+            "AdamWScheduleFree": lambda: msf.AdamWScheduleFree(params),
+            "AdamWScheduleFreeClosure": lambda: msf.AdamWScheduleFreeClosure(params),
+            "published": lambda: schedulefree.AdamWScheduleFree(params)}[inner]()
     with pytest.raises(TypeError, match="base is already schedule-free"):
         msf.ScheduleFreeWrapper(base)
 

@@ -76,8 +76,9 @@ class ScheduleFreeWrapper(Optimizer):
                  fused: bool | None = None) -> None:
         if not isinstance(base, Optimizer):
             raise TypeError(f"base must be a torch.optim.Optimizer instance, got {type(base).__name__}")
-        if callable(getattr(base, "points_at_x", None)) or any(key.startswith(PREFIX) for g in base.param_groups
-                                                                for key in g):
+        modal = callable(getattr(base, "train", None)) and callable(getattr(base, "eval", None))  # published ones
+        if modal or callable(getattr(base, "points_at_x", None)) or any(key.startswith(PREFIX)
+                                                                       for g in base.param_groups for key in g):
             raise TypeError(f"base is already schedule-free ({type(base).__name__}): wrap a plain torch optimizer "
                             "(the two would share their averaging state)")
         self.base = base
