@@ -32,10 +32,12 @@ from typing import Any, Callable, Iterator, NoReturn, Sequence
 import numpy as np
 import torch
 
+from mup_schedulefree.files import replace_atomically
+
 from coord_checks import custom, diagnose, experiments, plots, transfer, verdict
 from coord_checks.models import MODEL_NAMES, N_HEADS
 from coord_checks.optimizers import DEFAULT_LRS, OPTIMIZER_NAMES, optimizer_factory
-from coord_checks.recording import STATISTICS, record_coords
+from coord_checks.recording import STATISTICS
 
 PROG = "python -m coord_checks"
 DEFAULT_OUT = "coord_check_out"
@@ -276,17 +278,13 @@ def _check_out(parser: argparse.ArgumentParser, out: str) -> None:
         parser.error(f"argument --out: cannot write to {out!r}: {error.strerror or error}")
 
 
-def _write_whole(path: Path, write: Callable[[Path], object]) -> None:
-    """Write ``path`` as ``write(temporary)`` then rename the temporary file onto it, so that
-    ``path`` is always absent or complete; the temporary file is removed on any failure."""
-    temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+def _write_whole(path: Path, write: Callable[[str], object]) -> None:
+    """Write ``path`` as ``write(temporary)`` through ``replace_atomically``, so that ``path`` is
+    always absent or complete; a failure to write is a ``UsageError`` naming ``--out``."""
     try:
-        write(temporary)
-        os.replace(temporary, path)
+        replace_atomically(path, write)
     except OSError as error:
         raise UsageError(f"argument --out: cannot write {str(path)!r}: {error.strerror or error}") from None
-    finally:
-        temporary.unlink(missing_ok=True)
 
 
 @contextmanager

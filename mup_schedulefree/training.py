@@ -18,13 +18,13 @@ import itertools
 import os
 import pickle
 import re
-import secrets
-import stat
 import zipfile
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
+
+from .files import replace_atomically
 
 BATCHNORM = (nn.modules.batchnorm._BatchNorm,)
 _EMPTY = object()
@@ -216,49 +216,24 @@ def _save_error(name: Any, error: BaseException) -> BaseException:
     return failure(f"could not save checkpoint to {name!r}: {type(error).__name__}: {_first_line(error)}")
 
 
-def _fsync_directory(folder: str) -> None:
-    """Make a rename in ``folder`` durable, where the platform allows opening a directory."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+def _save_to_file(checkpoint: dict[str, Any], temporary: str) -> None:
+    with open(temporary, "wb") as file:
+        torch.save(checkpoint, file)
 
 
 def _write(checkpoint: dict[str, Any], path: Any) -> None:
-    """``torch.save`` to a temporary file beside ``path``, fsync, rename over ``path``."""
+    """``torch.save`` through :func:`replace_atomically` (a file object: in place), failures named."""
     if not isinstance(path, (str, os.PathLike)):
         torch.save(checkpoint, path)
         return
     name = os.fspath(path)
-    target = os.path.realpath(name)
-    folder = os.path.dirname(target)
-    temporary = os.path.join(folder, f".{os.path.basename(target)}.{secrets.token_hex(8)}.tmp")
     try:
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    except OSError as error:
-        raise _save_error(name, error) from error
-    try:
-        with os.fdopen(fd, "wb") as file:
-            torch.save(checkpoint, file)
-            file.flush()
-            os.fsync(file.fileno())
-        with contextlib.suppress(FileNotFoundError):   # keep who may read the file: 0600 stays 0600
-            os.chmod(temporary, stat.S_IMODE(os.stat(target).st_mode))
-        os.replace(temporary, target)
+        replace_atomically(name, lambda temporary: _save_to_file(checkpoint, temporary))
     except BaseException as error:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
         failure = _save_error(name, error)
         if failure is error:
             raise
         raise failure from (error if isinstance(failure, Exception) else None)
-    _fsync_directory(folder)
 
 
 def save_checkpoint(path: str | os.PathLike | Any, model: nn.Module, optimizer: Any, **extra: Any) -> None:
