@@ -7,6 +7,7 @@ learning rate and weight decay so that hyperparameters tuned at a small width tr
 from .optimizers import (
     AdamWScheduleFree,
     AdamWScheduleFreeClosure,
+    AdamWScheduleFreePaper,
     AdamWScheduleFreeReference,
     RAdamScheduleFree,
     RAdamScheduleFreeClosure,
@@ -19,6 +20,7 @@ from .optimizers import (
 from .factories import (
     MuAdamW_ScheduleFree,
     MuAdamW_ScheduleFreeClosure,
+    MuAdamW_ScheduleFreePaper,
     MuAdamW_ScheduleFreeReference,
     MuRAdam_ScheduleFree,
     MuRAdam_ScheduleFreeClosure,
@@ -34,6 +36,7 @@ from .training import eval_mode, load_checkpoint, recalibrate_batchnorm, save_ch
 __all__ = [
     "MuAdamW_ScheduleFree",
     "MuAdamW_ScheduleFreeClosure",
+    "MuAdamW_ScheduleFreePaper",
     "MuAdamW_ScheduleFreeReference",
     "MuRAdam_ScheduleFree",
     "MuRAdam_ScheduleFreeClosure",
@@ -50,6 +53,7 @@ __all__ = [
     "recalibrate_batchnorm",
     "AdamWScheduleFree",
     "AdamWScheduleFreeClosure",
+    "AdamWScheduleFreePaper",
     "AdamWScheduleFreeReference",
     "RAdamScheduleFree",
     "RAdamScheduleFreeClosure",

@@ -25,6 +25,7 @@ from torch.optim import Optimizer
 from .optimizers import (
     AdamWScheduleFree,
     AdamWScheduleFreeClosure,
+    AdamWScheduleFreePaper,
     AdamWScheduleFreeReference,
     RAdamScheduleFree,
     RAdamScheduleFreeClosure,
@@ -144,12 +145,14 @@ def _mu_factory(factory: Callable[..., Optimizer], rule: str, params: Any, impl:
 
 def _factory_for(impl: type, impl_rule: str, factory: Callable[..., Optimizer]) -> str:
     """Name of the factory to use for ``impl``: the one built for it (or a parent class), else the
-    factory of ``impl_rule`` in the same form (primal, closure or reference) as ``factory``."""
+    factory of ``impl_rule`` in the same form (primal, closure or reference) as ``factory``, or in
+    primal form where the rule has no factory of that form (there is no SGD "Paper" form)."""
     for candidate in FACTORIES:
         if issubclass(impl, inspect.signature(candidate).parameters["impl"].default):
             return candidate.__name__
     form = factory.__name__.rsplit("ScheduleFree", 1)[1]
-    return {"adam": "MuAdamW_ScheduleFree", "sgd": "MuSGD_ScheduleFree"}[impl_rule] + form
+    name = {"adam": "MuAdamW_ScheduleFree", "sgd": "MuSGD_ScheduleFree"}[impl_rule] + form
+    return name if name in {candidate.__name__ for candidate in FACTORIES} else name[:len(name) - len(form)]
 
 
 def MuAdamW_ScheduleFree(params: Any, impl: type = AdamWScheduleFree, decoupled_wd: bool = False, **kwargs: Any) -> Optimizer:
@@ -237,6 +240,21 @@ def MuAdamW_ScheduleFreeReference(params: Any, impl: type = AdamWScheduleFreeRef
     return _mu_factory(MuAdamW_ScheduleFreeReference, "adam", params, impl, decoupled_wd, kwargs)
 
 
+def MuAdamW_ScheduleFreePaper(params: Any, impl: type = AdamWScheduleFreePaper, decoupled_wd: bool = False,
+                              **kwargs: Any) -> Optimizer:
+    """Schedule-Free AdamW of the paper's experiments with muP scaling (Adam rule). Arguments as
+    :func:`MuAdamW_ScheduleFree`.
+
+    The bias correction sqrt(1 - beta2^(k+1)) it folds into the lr is the same at every width, so
+    the Adam rule applies unchanged, and so does the weight-decay scaling (decay at y multiplied
+    by lr).
+
+    Returns:
+        The optimizer.
+    """
+    return _mu_factory(MuAdamW_ScheduleFreePaper, "adam", params, impl, decoupled_wd, kwargs)
+
+
 def MuSGD_ScheduleFreeReference(params: Any, impl: type = SGDScheduleFreeReference, decoupled_wd: bool = False,
                                 **kwargs: Any) -> Optimizer:
     """Reference Schedule-Free SGD with muP scaling. Arguments as :func:`MuSGD_ScheduleFree`.
@@ -312,4 +330,4 @@ def MuScheduleFreeWrapper(
 
 FACTORIES = (MuAdamW_ScheduleFree, MuRAdam_ScheduleFree, MuSGD_ScheduleFree, MuAdamW_ScheduleFreeClosure,
              MuRAdam_ScheduleFreeClosure, MuSGD_ScheduleFreeClosure, MuAdamW_ScheduleFreeReference,
-             MuSGD_ScheduleFreeReference)
+             MuSGD_ScheduleFreeReference, MuAdamW_ScheduleFreePaper)

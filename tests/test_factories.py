@@ -114,6 +114,7 @@ CASES = {
     "ours-SGD-closure": Case(msf.MuSGD_ScheduleFreeClosure, "sgd", "closure", LR_SGD),
     "ours-AdamW-reference": Case(msf.MuAdamW_ScheduleFreeReference, "adam", "primal", LR_ADAM),
     "ours-SGD-reference": Case(msf.MuSGD_ScheduleFreeReference, "sgd", "primal", LR_SGD),
+    "ours-AdamW-paper": Case(msf.MuAdamW_ScheduleFreePaper, "adam", "primal", LR_ADAM),
     "wrapper-Adam": Case(partial(msf.MuScheduleFreeWrapper, base_impl=torch.optim.Adam, betas=(0.0, 0.999)), "adam",
                          "primal", LR_ADAM),
     "wrapper-SGD": Case(partial(msf.MuScheduleFreeWrapper, base_impl=torch.optim.SGD), "sgd", "primal", LR_SGD),
@@ -121,6 +122,8 @@ CASES = {
                             LR_ADAM),
     "published-RAdam": Case(partial(msf.MuRAdam_ScheduleFree, impl=schedulefree.RAdamScheduleFree), "adam", "primal",
                             LR_RADAM),
+    "published-AdamW-paper": Case(partial(msf.MuAdamW_ScheduleFreePaper, impl=schedulefree.AdamWScheduleFreePaper),
+                                  "adam", "primal", LR_ADAM),
     "published-SGD": Case(partial(msf.MuSGD_ScheduleFree, impl=schedulefree.SGDScheduleFree), "sgd", "primal", LR_SGD),
     "torch-Adam": Case(partial(msf.MuAdamW_ScheduleFree, impl=torch.optim.Adam), "adam", "plain", LR_ADAM),
     "torch-AdamW": Case(partial(msf.MuAdamW_ScheduleFree, impl=torch.optim.AdamW), "adam", "plain", LR_ADAM),
@@ -191,6 +194,24 @@ def test_groups_equal_those_of_mup_muadam_and_musgd(rule, width, ff, grouped):
         return [([id(p) for p in g["params"]], g["lr"], g["weight_decay"], g.get("name"))
                 for g in optimizer.param_groups if g["params"]]
 
+    assert describe(ours) == describe(theirs)
+    assert len({g["lr"] for g in theirs.param_groups}) > 1, "precondition: the model has several muP lrs"
+
+
+@pytest.mark.parametrize("grouped", [False, True], ids=["plain", "user-groups"])
+@pytest.mark.parametrize("width, ff", [(24, 48), (48, 40)])
+def test_paper_groups_equal_those_of_mup_muadam_with_the_paper_class(width, ff, grouped):
+    """Oracle: mup 1.0.0's MuAdam with impl=AdamWScheduleFreePaper on the same model: the same
+    non-empty groups, lrs and weight decays (exact float equality) as MuAdamW_ScheduleFreePaper's."""
+    model = mixed_net(width, ff)
+    ours = msf.MuAdamW_ScheduleFreePaper(user_params(model, grouped), lr=0.01, weight_decay=0.1)
+    theirs = mup.MuAdam(user_params(model, grouped), impl=msf.AdamWScheduleFreePaper, lr=0.01, weight_decay=0.1)
+
+    def describe(optimizer):
+        return [([id(p) for p in g["params"]], g["lr"], g["weight_decay"], g.get("name"))
+                for g in optimizer.param_groups if g["params"]]
+
+    assert type(ours) is msf.AdamWScheduleFreePaper
     assert describe(ours) == describe(theirs)
     assert len({g["lr"] for g in theirs.param_groups}) > 1, "precondition: the model has several muP lrs"
 
@@ -753,6 +774,7 @@ FACTORY_OF = {
     msf.SGDScheduleFreeClosure: ("MuSGD_ScheduleFreeClosure", "sgd"),
     msf.AdamWScheduleFreeReference: ("MuAdamW_ScheduleFreeReference", "adam"),
     msf.SGDScheduleFreeReference: ("MuSGD_ScheduleFreeReference", "sgd"),
+    msf.AdamWScheduleFreePaper: ("MuAdamW_ScheduleFreePaper", "adam"),
 }
 RULE_OF_FACTORY = {name: rule for name, rule in FACTORY_OF.values()}
 CONTRADICTIONS = [pytest.param(getattr(msf, factory), impl, FACTORY_OF[impl][0], id=f"{factory}-{impl.__name__}")
@@ -767,6 +789,7 @@ CONTRADICTIONS += [
                  id="MuRAdam-published.SGD"),
     pytest.param(msf.MuSGD_ScheduleFreeReference, schedulefree.AdamWScheduleFreeReference,
                  "MuAdamW_ScheduleFreeReference", id="MuSGD_Reference-published.AdamWReference"),
+    pytest.param(msf.MuAdamW_ScheduleFreePaper, torch.optim.SGD, "MuSGD_ScheduleFree", id="MuAdamW_Paper-torch.SGD"),
 ]
 
 

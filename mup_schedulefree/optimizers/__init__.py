@@ -1,5 +1,6 @@
 """Schedule-free optimizers: primal (train/eval), closure, reference and wrapper forms."""
 from .adamw import AdamWScheduleFree, AdamWScheduleFreeClosure
+from .adamw_paper import AdamWScheduleFreePaper
 from .radam import RAdamScheduleFree, RAdamScheduleFreeClosure
 from .reference import AdamWScheduleFreeReference, SGDScheduleFreeReference
 from .sgd import SGDScheduleFree, SGDScheduleFreeClosure
@@ -8,6 +9,7 @@ from .wrapper import ScheduleFreeWrapper
 __all__ = [
     "AdamWScheduleFree",
     "AdamWScheduleFreeClosure",
+    "AdamWScheduleFreePaper",
     "AdamWScheduleFreeReference",
     "RAdamScheduleFree",
     "RAdamScheduleFreeClosure",
