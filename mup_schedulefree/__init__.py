@@ -12,6 +12,7 @@ from .optimizers import (
     RAdamScheduleFree,
     RAdamScheduleFreeClosure,
     ScheduleFreeWrapper,
+    ScheduleFreeWrapperReference,
     SGDScheduleFree,
     SGDScheduleFreeClosure,
     SGDScheduleFreeReference,
@@ -25,6 +26,7 @@ from .factories import (
     MuRAdam_ScheduleFree,
     MuRAdam_ScheduleFreeClosure,
     MuScheduleFreeWrapper,
+    MuScheduleFreeWrapperReference,
     MuSGD_ScheduleFree,
     MuSGD_ScheduleFreeClosure,
     MuSGD_ScheduleFreeReference,
@@ -44,6 +46,7 @@ __all__ = [
     "MuSGD_ScheduleFreeClosure",
     "MuSGD_ScheduleFreeReference",
     "MuScheduleFreeWrapper",
+    "MuScheduleFreeWrapperReference",
     "mu_optimizer",
     "mu_param_groups",
     "eval_mode",
@@ -61,5 +64,6 @@ __all__ = [
     "SGDScheduleFreeClosure",
     "SGDScheduleFreeReference",
     "ScheduleFreeWrapper",
+    "ScheduleFreeWrapperReference",
 ]
 __version__ = "0.2.0"

@@ -30,6 +30,7 @@ from .optimizers import (
     RAdamScheduleFree,
     RAdamScheduleFreeClosure,
     ScheduleFreeWrapper,
+    ScheduleFreeWrapperReference,
     SGDScheduleFree,
     SGDScheduleFreeClosure,
     SGDScheduleFreeReference,
@@ -307,23 +308,75 @@ def MuScheduleFreeWrapper(
         ValueError: no rule given for a class whose rule is unknown, or an unknown rule. An
             explicit ``rule`` overrides the one inferred from ``base_impl``.
     """
+    return _mu_wrapper(ScheduleFreeWrapper, params, base_impl, rule, decoupled_wd, base_kwargs,
+                       weight_decay_at_y=weight_decay_at_y, momentum=momentum, weight_lr_power=weight_lr_power, r=r)
+
+
+def MuScheduleFreeWrapperReference(
+    params: Any,
+    base_impl: type = torch.optim.Adam,
+    rule: str | None = None,
+    momentum: float = 0.9,
+    weight_decay_at_y: float = 0.0,
+    r: float = 0,
+    weight_lr_power: float = 2,
+    decoupled_wd: bool = False,
+    **base_kwargs: Any,
+) -> ScheduleFreeWrapperReference:
+    """:class:`ScheduleFreeWrapperReference` around a muP-scaled base optimizer.
+
+    The groups, rules and errors are those of :func:`MuScheduleFreeWrapper`; the wrapper's own
+    arguments come in the reference class's order.
+
+    Example::
+
+        opt = MuScheduleFreeWrapperReference(model.named_parameters(), torch.optim.Adam, lr=1e-3,
+                                             betas=(0.0, 0.999), weight_decay_at_y=0.1)
+
+    Args:
+        params: parameters, ``named_parameters()``, or group dicts of either.
+        base_impl: the base optimizer class (default ``torch.optim.Adam``).
+        rule: muP rule "adam" or "sgd"; inferred for torch.optim classes, required otherwise.
+        momentum: the wrapper's interpolation coefficient, 0 < momentum < 1.
+        weight_decay_at_y: decay at y at the base width (group key ``weight_decay_at_y`` overrides).
+        r: polynomial weighting power of the average.
+        weight_lr_power: power of the max lr in the averaging weight.
+        decoupled_wd: leave both decays unscaled.
+        **base_kwargs: ``infshapes``, ``decay_lr_power`` (see :func:`mu_optimizer`) and the base
+            optimizer's arguments.
+
+    Returns:
+        The wrapper.
+
+    Raises:
+        TypeError, ValueError: as :func:`MuScheduleFreeWrapper`.
+    """
+    return _mu_wrapper(ScheduleFreeWrapperReference, params, base_impl, rule, decoupled_wd, base_kwargs,
+                       momentum=momentum, weight_decay_at_y=weight_decay_at_y, r=r, weight_lr_power=weight_lr_power)
+
+
+def _mu_wrapper(wrapper_cls: type, params: Any, base_impl: type, rule: str | None, decoupled_wd: bool,
+                base_kwargs: dict[str, Any], **wrapper_kwargs: Any) -> Optimizer:
+    """``wrapper_cls(base_impl(muP groups, **base_kwargs), **wrapper_kwargs)``, every argument checked first.
+
+    Both decays, the base's ``weight_decay`` and ``weight_decay_at_y``, are scaled like a decay
+    multiplied by lr (unless ``decoupled_wd``).
+    """
     _check_optimizer_class("base_impl", base_impl)
     rule = rule if rule is not None else infer_rule(base_impl)
     if rule is None:
         raise ValueError(f"rule is required for base_impl={base_impl.__name__}: "
                          "pass rule='adam' (entrywise-normalised updates) or rule='sgd' (raw-gradient updates)")
     check_rule("rule", rule)
-    for name, value in (("weight_decay_at_y", weight_decay_at_y), ("momentum", momentum),
-                        ("weight_lr_power", weight_lr_power), ("r", r)):
+    for name, value in wrapper_kwargs.items():
         real_number(name, value)
     infshapes = base_kwargs.pop("infshapes", None)
     power = _decay_lr_power(base_impl, decoupled_wd, base_kwargs.pop("decay_lr_power", None))
     lr = _base_value(base_impl, base_kwargs, "lr", None)
     decay = {"weight_decay": _base_value(base_impl, base_kwargs, "weight_decay", 0.0),
-             "weight_decay_at_y": weight_decay_at_y}
+             "weight_decay_at_y": wrapper_kwargs["weight_decay_at_y"]}
     groups = mu_param_groups(params, rule, lr=float(lr), decay_keys=decay, decay_lr_power=power, infshapes=infshapes)
-    wrapper = ScheduleFreeWrapper(base_impl(groups, **base_kwargs), weight_decay_at_y=weight_decay_at_y,
-                                  momentum=momentum, weight_lr_power=weight_lr_power, r=r)
+    wrapper = wrapper_cls(base_impl(groups, **base_kwargs), **wrapper_kwargs)
     grouping_guard(wrapper)
     return wrapper
 

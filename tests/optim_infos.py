@@ -128,7 +128,7 @@ def init_adam_state(adam: torch.optim.Adam) -> None:
                              "exp_avg_sq": torch.zeros_like(p)}
 
 
-def _wrapper_factory(wrapper_cls: type, base: str, *, published_form: bool) -> Callable[..., Any]:
+def wrapper_factory(wrapper_cls: type, base: str, *, published_form: bool) -> Callable[..., Any]:
     """Build ``wrapper_cls(SGD or Adam(betas=(0, 0.999)), **kw)`` with the base taking the lr.
 
     ``published_form``: the published wrapper, which needs Adam's state created up front (see
@@ -216,9 +216,12 @@ _WRAPPER_ERRORS = (
     ErrorInput(dict(weight_lr_power=-1.0), "weight_lr_power", -1.0, in_group=False),
 )
 
+_WRAPPER_REFERENCE_ERRORS = tuple(e for e in _WRAPPER_ERRORS if "foreach" not in e.kwargs)
+
 _PRIMAL_TRAPS = frozenset({WRITES_GRAD, STARTS_IN_EVAL, NEW_GROUP_WRONG_MODE, WRONG_EVAL_ERROR})
 _CLOSURE_TRAPS = frozenset({WRITES_GRAD, TOUCHES_GRADLESS, DRIFTS_WHEN_FROZEN})
 _WRAPPER_TRAPS = frozenset({STARTS_IN_EVAL, MODE_NOT_SAVED, WRONG_EVAL_ERROR})
+_WRAPPER_REFERENCE_TRAPS = _WRAPPER_TRAPS | {TOUCHES_GRADLESS, DRIFTS_WHEN_FROZEN}
 
 INFOS: tuple[OptimInfo, ...] = (
     OptimInfo("AdamWScheduleFree", ours.AdamWScheduleFree, _ADAMW_CONFIGS, error_inputs=_ADAMW_ERRORS + _FLAG_ERRORS,
@@ -256,16 +259,28 @@ INFOS: tuple[OptimInfo, ...] = (
               flags=frozenset(), error_inputs=_SGD_ERRORS,
               published_factory=published.SGDScheduleFreeReference,
               published_traps=frozenset({WRITES_GRAD, WRONG_EVAL_ERROR})),
-    OptimInfo("ScheduleFreeWrapper-SGD", _wrapper_factory(ours.ScheduleFreeWrapper, "sgd", published_form=False),
+    OptimInfo("ScheduleFreeWrapper-SGD", wrapper_factory(ours.ScheduleFreeWrapper, "sgd", published_form=False),
               _WRAPPER_SGD_CONFIGS, beta_key="momentum", decay_key="weight_decay_at_y", has_warmup=False,
               flags=KERNEL_FLAGS, error_inputs=_WRAPPER_ERRORS,
-              published_factory=_wrapper_factory(published.ScheduleFreeWrapper, "sgd", published_form=True),
+              published_factory=wrapper_factory(published.ScheduleFreeWrapper, "sgd", published_form=True),
               published_reads_group_decay=False, published_traps=_WRAPPER_TRAPS),
-    OptimInfo("ScheduleFreeWrapper-Adam", _wrapper_factory(ours.ScheduleFreeWrapper, "adam", published_form=False),
+    OptimInfo("ScheduleFreeWrapper-Adam", wrapper_factory(ours.ScheduleFreeWrapper, "adam", published_form=False),
               _WRAPPER_ADAM_CONFIGS, beta_key="momentum", decay_key="weight_decay_at_y", has_warmup=False,
               flags=KERNEL_FLAGS, error_inputs=_WRAPPER_ERRORS,
-              published_factory=_wrapper_factory(published.ScheduleFreeWrapper, "adam", published_form=True),
+              published_factory=wrapper_factory(published.ScheduleFreeWrapper, "adam", published_form=True),
               published_reads_group_decay=False, published_traps=_WRAPPER_TRAPS),
+    OptimInfo("ScheduleFreeWrapperReference-SGD",
+              wrapper_factory(ours.ScheduleFreeWrapperReference, "sgd", published_form=False),
+              _WRAPPER_SGD_CONFIGS, beta_key="momentum", decay_key="weight_decay_at_y", has_warmup=False,
+              flags=frozenset(), error_inputs=_WRAPPER_REFERENCE_ERRORS,
+              published_factory=wrapper_factory(published.ScheduleFreeWrapperReference, "sgd", published_form=True),
+              published_reads_group_decay=False, published_traps=_WRAPPER_REFERENCE_TRAPS),
+    OptimInfo("ScheduleFreeWrapperReference-Adam",
+              wrapper_factory(ours.ScheduleFreeWrapperReference, "adam", published_form=False),
+              _WRAPPER_ADAM_CONFIGS, beta_key="momentum", decay_key="weight_decay_at_y", has_warmup=False,
+              flags=frozenset(), error_inputs=_WRAPPER_REFERENCE_ERRORS,
+              published_factory=wrapper_factory(published.ScheduleFreeWrapperReference, "adam", published_form=True),
+              published_reads_group_decay=False, published_traps=_WRAPPER_REFERENCE_TRAPS),
 )
 
 MODAL_INFOS = tuple(info for info in INFOS if info.has_modes)

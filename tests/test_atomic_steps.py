@@ -189,8 +189,10 @@ def test_a_state_dict_with_an_invalid_group_is_refused_at_load(info, make_model,
     assert_bitwise_equal(opt.state_dict(), before)
 
 
-@pytest.mark.parametrize("inner", ["wrapper", "AdamWScheduleFree", "AdamWScheduleFreeClosure", "published"])
-def test_a_wrapper_refuses_a_base_that_is_already_schedule_free(inner, make_model):
+@pytest.mark.parametrize("outer", ["ScheduleFreeWrapper", "ScheduleFreeWrapperReference"])
+@pytest.mark.parametrize("inner", ["wrapper", "reference", "AdamWScheduleFree", "AdamWScheduleFreeClosure",
+                                   "published"])
+def test_a_wrapper_refuses_a_base_that_is_already_schedule_free(inner, outer, make_model):
     """Two schedule-free averages stacked: with our wrapper inside, both keep their averaging under
     the same group keys (x ended 100x worse in a probe); with another schedule-free optimizer,
     z would be averaged twice."""
@@ -200,11 +202,25 @@ def test_a_wrapper_refuses_a_base_that_is_already_schedule_free(inner, make_mode
 
     params = list(make_model(0).parameters())
     base = {"wrapper": lambda: msf.ScheduleFreeWrapper(torch.optim.SGD(params, lr=0.1)),
+            "reference": lambda: msf.ScheduleFreeWrapperReference(torch.optim.SGD(params, lr=0.1)),
             "AdamWScheduleFree": lambda: msf.AdamWScheduleFree(params),
             "AdamWScheduleFreeClosure": lambda: msf.AdamWScheduleFreeClosure(params),
             "published": lambda: schedulefree.AdamWScheduleFree(params)}[inner]()
     with pytest.raises(TypeError, match="base is already schedule-free"):
-        msf.ScheduleFreeWrapper(base)
+        getattr(msf, outer)(base)
+
+
+def test_the_reference_wrapper_refuses_a_base_whose_groups_hold_its_averaging_keys(make_model):
+    """The reference wrapper keeps k, lr_max and weight_sum in the shared groups under the published
+    names; a base that already uses one of them (D-adaptation keeps a step count ``k``) would have
+    it overwritten every step, so construction raises, naming the key, and changes nothing."""
+    import mup_schedulefree as msf
+
+    base = torch.optim.SGD([{"params": list(make_model(0).parameters()), "k": 0}], lr=0.1)
+    before = copy.deepcopy(base.param_groups[0])
+    with pytest.raises(TypeError, match="keeps 'k' in its parameter groups"):
+        msf.ScheduleFreeWrapperReference(base)
+    assert base.param_groups[0].keys() == before.keys()
 
 
 @pytest.mark.parametrize("info", OWN_STEP, ids=str)

@@ -118,6 +118,10 @@ CASES = {
     "wrapper-Adam": Case(partial(msf.MuScheduleFreeWrapper, base_impl=torch.optim.Adam, betas=(0.0, 0.999)), "adam",
                          "primal", LR_ADAM),
     "wrapper-SGD": Case(partial(msf.MuScheduleFreeWrapper, base_impl=torch.optim.SGD), "sgd", "primal", LR_SGD),
+    "wrapper-reference-Adam": Case(partial(msf.MuScheduleFreeWrapperReference, base_impl=torch.optim.Adam,
+                                           betas=(0.0, 0.999)), "adam", "primal", LR_ADAM),
+    "wrapper-reference-SGD": Case(partial(msf.MuScheduleFreeWrapperReference, base_impl=torch.optim.SGD), "sgd",
+                                  "primal", LR_SGD),
     "published-AdamW": Case(partial(msf.MuAdamW_ScheduleFree, impl=schedulefree.AdamWScheduleFree), "adam", "primal",
                             LR_ADAM),
     "published-RAdam": Case(partial(msf.MuRAdam_ScheduleFree, impl=schedulefree.RAdamScheduleFree), "adam", "primal",
@@ -565,6 +569,30 @@ def test_weight_decay_follows_the_decay_lr_power():
             assert group["weight_decay"] == {1: coupled, 2: squared, "class": squared, 0: 0.1}[q], q
             assert group["lr"] == mup_lr(group["params"][0], "adam", 0.01)
     assert {g["weight_decay"] for g in builds[1].param_groups} == {0.1 * 3.0, 0.1 * 6.0, 0.1}
+
+
+@pytest.mark.parametrize("width, ff", [(24, 48), (48, 40)])
+@pytest.mark.parametrize("rule", ["adam", "sgd"])
+def test_reference_wrapper_groups_equal_those_of_mup_muadam_and_musgd(rule, width, ff):
+    """Oracle: mup 1.0.0's MuAdam / MuSGD with the same torch impl on the same model. The reference
+    wrapper's groups (shared with its base) have the same parameters, lrs and weight decays (exact
+    float equality), and weight_decay_at_y scales as weight_decay does, as in MuScheduleFreeWrapper."""
+    impl, reference = {"adam": (torch.optim.Adam, mup.MuAdam), "sgd": (torch.optim.SGD, mup.MuSGD)}[rule]
+    model = mixed_net(width, ff)
+    ours = msf.MuScheduleFreeWrapperReference(model.parameters(), impl, lr=0.01, weight_decay=0.1,
+                                              weight_decay_at_y=0.2, momentum=0.8)
+    fast = msf.MuScheduleFreeWrapper(model.parameters(), impl, lr=0.01, weight_decay=0.1, weight_decay_at_y=0.2)
+    theirs = reference(model.parameters(), impl=impl, lr=0.01, weight_decay=0.1)
+
+    def describe(optimizer, key="weight_decay"):
+        return [([id(p) for p in g["params"]], g["lr"], g[key]) for g in optimizer.param_groups if g["params"]]
+
+    assert type(ours) is msf.ScheduleFreeWrapperReference and ours.param_groups is not ours.base.param_groups
+    assert all(a is b for a, b in zip(ours.param_groups, ours.base.param_groups))
+    assert describe(ours) == describe(theirs)
+    assert describe(ours, "weight_decay_at_y") == describe(fast, "weight_decay_at_y")
+    assert {g["sf_momentum"] for g in ours.param_groups} == {0.8}
+    assert len({g["lr"] for g in theirs.param_groups}) > 1, "precondition: the model has several muP lrs"
 
 
 def test_wrapper_scales_both_decays_like_coupled_decay():

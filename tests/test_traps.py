@@ -485,17 +485,22 @@ def test_closure_form_step_requires_a_closure(info, make_model):
 
 # ============================================================================ ScheduleFreeWrapper
 WRAPPERS = [ours.ScheduleFreeWrapper, published.ScheduleFreeWrapper]
+# Each of our wrapper classes with its published counterpart.
+WRAPPER_PAIRS = [pytest.param(ours.ScheduleFreeWrapper, published.ScheduleFreeWrapper, id="ScheduleFreeWrapper"),
+                 pytest.param(ours.ScheduleFreeWrapperReference, published.ScheduleFreeWrapperReference,
+                              id="ScheduleFreeWrapperReference")]
 
 
-def test_wrapper_is_a_torch_optimizer():
-    """ScheduleFreeWrapper is a torch.optim.Optimizer sharing its group dicts with the base;
-    schedulefree 1.4.1's is not an Optimizer at all."""
+@pytest.mark.parametrize("ours_cls, published_cls", WRAPPER_PAIRS)
+def test_wrapper_is_a_torch_optimizer(ours_cls, published_cls):
+    """Our wrappers are torch.optim.Optimizers sharing their group dicts with the base;
+    schedulefree 1.4.1's are not Optimizers at all."""
     p = nn.Parameter(torch.zeros(3))
     base = torch.optim.SGD([p], lr=0.1)
-    wrapper = ours.ScheduleFreeWrapper(base)
+    wrapper = ours_cls(base)
     assert isinstance(wrapper, torch.optim.Optimizer)
     assert all(a is b for a, b in zip(wrapper.param_groups, base.param_groups))
-    assert not isinstance(published.ScheduleFreeWrapper(torch.optim.SGD([p], lr=0.1)), torch.optim.Optimizer)
+    assert not isinstance(published_cls(torch.optim.SGD([p], lr=0.1)), torch.optim.Optimizer)
 
 
 def _wrapper_over_two_tower(model, wrapper_cls=ours.ScheduleFreeWrapper, **kw):
@@ -572,15 +577,19 @@ def probe_group_weight_decay_at_y(wrapper_cls, make_two_tower, batches) -> list[
     return [name for (name, a), b in zip(model.named_parameters(), oracle.parameters()) if not torch.equal(a, b)]
 
 
-def test_wrapper_reads_weight_decay_at_y_per_group_with_wrapper_default(make_two_tower, make_batches):
+@pytest.mark.parametrize("ours_cls, published_cls", WRAPPER_PAIRS)
+def test_wrapper_reads_weight_decay_at_y_per_group_with_wrapper_default(ours_cls, published_cls, make_two_tower,
+                                                                        make_batches):
     """Group key weight_decay_at_y overrides the wrapper-wide value, which is the default for groups
     without it. Oracle: separate wrappers with those wrapper-wide values (bitwise equal over 6 steps)."""
-    assert probe_group_weight_decay_at_y(ours.ScheduleFreeWrapper, make_two_tower, make_batches(6)) == []
+    assert probe_group_weight_decay_at_y(ours_cls, make_two_tower, make_batches(6)) == []
 
 
-def test_published_wrapper_ignores_group_weight_decay_at_y(make_two_tower, make_batches):
-    """schedulefree 1.4.1 uses the wrapper-wide value for every group."""
-    assert probe_group_weight_decay_at_y(published.ScheduleFreeWrapper, make_two_tower, make_batches(6))
+@pytest.mark.parametrize("ours_cls, published_cls", WRAPPER_PAIRS)
+def test_published_wrapper_ignores_group_weight_decay_at_y(ours_cls, published_cls, make_two_tower, make_batches):
+    """schedulefree 1.4.1 uses the wrapper-wide value for every group (its reference form writes it
+    over every group's value at construction)."""
+    assert probe_group_weight_decay_at_y(published_cls, make_two_tower, make_batches(6))
 
 
 def probe_lr_zero(wrapper_cls, make_model, batches) -> tuple[BaseException | None, float, float]:
@@ -605,30 +614,35 @@ def probe_lr_zero(wrapper_cls, make_model, batches) -> tuple[BaseException | Non
     return None, at_zero, after
 
 
-def test_wrapper_steps_at_lr_zero(make_model, make_batches):
+@pytest.mark.parametrize("ours_cls, published_cls", WRAPPER_PAIRS)
+def test_wrapper_steps_at_lr_zero(ours_cls, published_cls, make_model, make_batches):
     """At lr=0 the wrapper steps without error and the parameters stay put (within 1e-6 relative,
     the y -> z -> y round trip); once lr > 0 they train."""
-    raised, at_zero, after = probe_lr_zero(ours.ScheduleFreeWrapper, make_model, make_batches(6))
+    raised, at_zero, after = probe_lr_zero(ours_cls, make_model, make_batches(6))
     assert raised is None
     assert at_zero <= 1e-6
     assert after > 1e-3
 
 
-def test_published_wrapper_divides_by_zero_at_lr_zero(make_model, make_batches):
-    """schedulefree 1.4.1's wrapper computes ckp1 = 0 / 0 at lr=0."""
-    raised, _, _ = probe_lr_zero(published.ScheduleFreeWrapper, make_model, make_batches(6))
+@pytest.mark.parametrize("ours_cls, published_cls", WRAPPER_PAIRS)
+def test_published_wrapper_divides_by_zero_at_lr_zero(ours_cls, published_cls, make_model, make_batches):
+    """schedulefree 1.4.1's wrappers compute ckp1 = 0 / 0 at lr=0."""
+    raised, _, _ = probe_lr_zero(published_cls, make_model, make_batches(6))
     assert isinstance(raised, ZeroDivisionError)
 
 
-@pytest.mark.parametrize("wrapper_cls", WRAPPERS, ids=["ours", "published"])
+@pytest.mark.parametrize("wrapper_cls", WRAPPERS + [ours.ScheduleFreeWrapperReference,
+                                                    published.ScheduleFreeWrapperReference],
+                         ids=["ours", "published", "ours-reference", "published-reference"])
 def test_wrapper_runs_torch_adam_as_base(wrapper_cls, make_model, make_batches):
-    """Our wrapper keeps z in its own state, so torch's Adam (lazy state: initialised when empty)
-    works as a base; schedulefree 1.4.1 stores z in the base's state and Adam fails with KeyError."""
+    """Our wrappers keep their points in their own state, so torch's Adam (lazy state: initialised
+    when empty) works as a base; schedulefree 1.4.1 stores them in the base's state and Adam fails
+    with KeyError."""
     info = next(i for i in INFOS if i.name == "ScheduleFreeWrapper-Adam")
     model = make_model(0)
     opt = wrapper_cls(torch.optim.Adam(model.parameters(), lr=0.01, betas=(0.0, 0.999)))
     opt.train()
-    if wrapper_cls is published.ScheduleFreeWrapper:
+    if wrapper_cls in (published.ScheduleFreeWrapper, published.ScheduleFreeWrapperReference):
         with pytest.raises(KeyError):
             run(info, opt, model, make_batches(1))
     else:

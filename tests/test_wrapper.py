@@ -1,4 +1,5 @@
-"""ScheduleFreeWrapper's own passes: no parameter-sized temporaries, every dtype, and no lost state.
+"""ScheduleFreeWrapper's own passes: no parameter-sized temporaries, every dtype, and no lost state
+(and ScheduleFreeWrapperReference's failed base step).
 
 The generic suite (test_optimizers_generic.py) already holds the wrapper to the published wrapper's
 trajectory and its fused path to its eager one; these are the claims specific to the passes it
@@ -6,11 +7,14 @@ runs around an opaque base step.
 """
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 from memory_probe import largest_allocation_bytes
-from mup_schedulefree import ScheduleFreeWrapper, native
+from mup_schedulefree import ScheduleFreeWrapper, ScheduleFreeWrapperReference, native
+from optim_infos import assert_bitwise_equal
 
 SHAPES = [(256, 512), (512,), (64, 256)]
 
@@ -103,3 +107,29 @@ def test_base_step_that_raises_leaves_y_z_and_schedule_in_place():
     assert opt.train_mode
     opt.step()
     assert all(not torch.equal(opt.state[p]["z"], z) for p, z in zip(params, z_before)), "z did not move"
+
+
+@pytest.mark.parametrize("failing_step", [1, 3])
+def test_reference_base_step_that_raises_changes_nothing(failing_step):
+    """ScheduleFreeWrapperReference whose base raises at its first or a later step, with a decay at
+    y (which the published form subtracts from z before the base step): the parameters hold y
+    again and the wrapper's state_dict is bitwise what it was (no state left from a first step that
+    failed, z not decayed, schedule not advanced); the next step trains on.
+    Oracle: copies taken before the failing step (torch.equal)."""
+    params = _params()
+    base = _FailingSGD(params, lr=0.1)
+    opt = ScheduleFreeWrapperReference(base, momentum=0.9, weight_decay_at_y=0.1)
+    for k in range(failing_step - 1):
+        _give_grads(params, seed=20 + k)
+        opt.step()
+    y_before = [p.detach().clone() for p in params]
+    saved_before = copy.deepcopy(opt.state_dict())
+    _give_grads(params, seed=30)
+    base.calls = 2  # the next base step is its third: it raises
+    with pytest.raises(RuntimeError, match="base optimizer failed"):
+        opt.step()
+    for p, y in zip(params, y_before):
+        assert torch.equal(p.detach(), y)
+    assert_bitwise_equal(opt.state_dict(), saved_before)
+    opt.step()
+    assert all(not torch.equal(p.detach(), y) for p, y in zip(params, y_before)), "the next step did not train"

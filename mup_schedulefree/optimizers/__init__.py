@@ -2,7 +2,7 @@
 from .adamw import AdamWScheduleFree, AdamWScheduleFreeClosure
 from .adamw_paper import AdamWScheduleFreePaper
 from .radam import RAdamScheduleFree, RAdamScheduleFreeClosure
-from .reference import AdamWScheduleFreeReference, SGDScheduleFreeReference
+from .reference import AdamWScheduleFreeReference, ScheduleFreeWrapperReference, SGDScheduleFreeReference
 from .sgd import SGDScheduleFree, SGDScheduleFreeClosure
 from .wrapper import ScheduleFreeWrapper
 
@@ -17,4 +17,5 @@ __all__ = [
     "SGDScheduleFreeClosure",
     "SGDScheduleFreeReference",
     "ScheduleFreeWrapper",
+    "ScheduleFreeWrapperReference",
 ]

@@ -10,11 +10,15 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from torch.optim import Optimizer
+
 from .. import kernels
 from ..schedule import warmup_multiplier
 from .adamw import AdamWRule
-from .base import ModalForm, advance_schedule, real_view
+from .base import (SCHEDULE_DEFAULTS, ModalForm, advance_schedule, check_is_state_dict, check_saved_state,
+                   describe_parameter, real_view, share_lr_ratios, train_mode_closure)
 from .sgd import SGDRule
+from .wrapper import PREFIX, check_plain_base, check_wrapper_group
 
 
 class _ReferenceForm(ModalForm):
@@ -133,3 +137,237 @@ class SGDScheduleFreeReference(SGDRule, _ReferenceForm):
 
     def _direction(self, group, state, grad, k):
         return grad
+
+
+# Group keys of the averaging bookkeeping, under the published reference wrapper's names (k, lr_max,
+# weight_sum) so that either package continues the other's run, and this package's beside them.
+SCHEDULE_KEYS = ("k", "lr_max", "weight_sum", "averaging", "scheduled_lr", "lr_ratio")
+POINTS = ("x", "y", "z")
+
+
+class ScheduleFreeWrapperReference(Optimizer):
+    """Reference schedule-free wrapper: any ``torch.optim.Optimizer`` on z, with x, y and z stored.
+
+    The math of :class:`ScheduleFreeWrapper` one equation a line, for experiments that combine
+    schedule-free averaging with another optimizer. Each step, for every parameter with a gradient:
+
+        p     <- z - lr * weight_decay_at_y * y       (the base optimizer steps from here)
+        z     <- base_step(p, grad at y)
+        x     <- (1 - ckp1) x + ckp1 z
+        y     <- momentum x + (1 - momentum) z;  p <- y
+
+    ``train()``/``eval()`` copy the stored y or x into the parameters. Call ``train()`` before
+    training and ``eval()`` before evaluating or saving; a new wrapper starts in train mode. Turn
+    off the base optimizer's own momentum (e.g. Adam's beta1=0): the interpolation provides it.
+    If the base step raises, the parameters get y back, nothing else of the wrapper changes, and
+    the error propagates.
+
+    The wrapper shares its parameter-group dicts with the base (LR schedulers drive both). Its
+    averaging state sits in each group under the published names ``k``, ``lr_max`` and
+    ``weight_sum``, and ``state_dict()`` has the published layout (the base's state dict with x,
+    y, z added to each parameter's state), so a state dict of the published
+    ``ScheduleFreeWrapperReference`` loads here and one of ours loads there. Its own
+    hyperparameters are kept per group as ``sf_momentum``, ``sf_r``, ``sf_weight_lr_power`` and
+    ``weight_decay_at_y``; the mode as ``sf_train_mode``.
+
+    Example::
+
+        base = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.0, 0.999))
+        opt = ScheduleFreeWrapperReference(base, momentum=0.9, weight_decay_at_y=0.01)
+
+    Args:
+        base: the optimizer that updates z; its ``group['lr']`` is the lr of the decay at y and of
+            the averaging weight (times ``group['d']``, if any, as D-adaptation methods require).
+        momentum: interpolation y = (1 - momentum) z + momentum x, 0 < momentum < 1 (default 0.9).
+        weight_decay_at_y: default decay taken at y, per group overridable with the
+            ``weight_decay_at_y`` group key; decay set on the base optimizer acts at z instead.
+        r: polynomial weighting power of the average (default 0).
+        weight_lr_power: power of the max lr in the averaging weight (default 2).
+    """
+
+    def __init__(self, base: Optimizer, momentum: float = 0.9, weight_decay_at_y: float = 0.0, r: float = 0,
+                 weight_lr_power: float = 2) -> None:
+        check_plain_base(base, SCHEDULE_KEYS)
+        self.base = base
+        defaults = dict(SCHEDULE_DEFAULTS)
+        defaults.update({"weight_decay_at_y": weight_decay_at_y, PREFIX + "momentum": momentum, PREFIX + "r": r,
+                         PREFIX + "weight_lr_power": weight_lr_power, PREFIX + "train_mode": True})
+        check_wrapper_group(defaults)
+        super().__init__(base.param_groups, defaults)
+        self.register_load_state_dict_pre_hook(check_saved_state)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle/deepcopy state: torch's keeps defaults, state and groups; the base goes along."""
+        return {**super().__getstate__(), "base": self.base}
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group to the base optimizer and to the wrapper (validated before either changes).
+
+        Args:
+            param_group: dict with ``params`` and optional per-group hyperparameters of the base
+                optimizer and ``weight_decay_at_y``.
+        """
+        if not any(param_group is g for g in self.base.param_groups):
+            if not isinstance(param_group, dict):
+                raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+            check_wrapper_group({**self.defaults, **param_group})
+            mode = self.train_mode if self.param_groups else True
+            self.base.add_param_group({**param_group, PREFIX + "train_mode": mode})
+            param_group = self.base.param_groups[-1]
+        check_wrapper_group({**self.defaults, **param_group})
+        super().add_param_group(param_group)
+
+    @property
+    def train_mode(self) -> bool:
+        """True when parameters hold the training point y, False when they hold x."""
+        return all(group[PREFIX + "train_mode"] for group in self.param_groups)
+
+    def _align_state(self) -> None:
+        """Keep every stored point on its parameter's device and in its dtype (after ``model.to(...)``)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p, {})  # .get: looking must not create an empty entry
+                for key, value in state.items():
+                    if value.dtype != p.dtype or value.device != p.device:
+                        state[key] = value.to(device=p.device, dtype=p.dtype)
+
+    def _switch(self, to_train: bool) -> None:
+        key = "y" if to_train else "x"
+        self._align_state()
+        for group in self.param_groups:
+            if group[PREFIX + "train_mode"] != to_train:
+                for p in group["params"]:
+                    if key in self.state.get(p, ()):
+                        p.copy_(self.state[p][key])
+                group[PREFIX + "train_mode"] = to_train
+
+    @kernels.compile_disabled
+    @torch.no_grad()
+    def train(self) -> None:
+        """Put the parameters at the training point y (idempotent)."""
+        self._switch(True)
+
+    @kernels.compile_disabled
+    @torch.no_grad()
+    def eval(self) -> None:
+        """Put the parameters at the averaged point x, for evaluation and checkpointing (idempotent)."""
+        self._switch(False)
+
+    @kernels.compile_disabled
+    @torch.no_grad()
+    def points_at_x(self) -> dict[torch.Tensor, torch.Tensor]:
+        """Copies of the stored x of every parameter in a group that is in train mode.
+
+        Returns:
+            A dict mapping parameter -> its value at x (see :meth:`PrimalForm.points_at_x`).
+        """
+        self._align_state()
+        return {p: self.state[p]["x"].clone() for group in self.param_groups if group[PREFIX + "train_mode"]
+                for p in group["params"] if "x" in self.state.get(p, ())}
+
+    def _check_before_step(self) -> None:
+        """Raise, naming the group or parameter, before a step that could not complete; change nothing."""
+        for index, group in enumerate(self.param_groups):  # groups may have been edited since
+            try:
+                check_wrapper_group(group)
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"{error} in param_groups[{index}]") from None
+        for group in self.param_groups:
+            for index, p in enumerate(group["params"]):
+                z = self.state.get(p, {}).get("z")
+                if z is not None and z.shape != p.shape:
+                    raise ValueError(f"optimizer state of {describe_parameter(group, index, p)} has shape "
+                                     f"{tuple(z.shape)}: was the state dict saved from another model?")
+        self._align_state()
+
+    @kernels.compile_disabled
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Take one schedule-free step around one step of the base optimizer.
+
+        Args:
+            closure: optional callable that re-evaluates the model and returns the loss.
+
+        Returns:
+            The closure's loss, or None.
+        """
+        loss = train_mode_closure(self, closure)
+        self._check_before_step()
+        active = [[p for p in group["params"] if p.grad is not None] for group in self.param_groups]
+        created = [p for params in active for p in params if "z" not in self.state.get(p, ())]
+        for p in created:
+            self.state[p].update({key: p.detach().clone(memory_format=torch.preserve_format) for key in POINTS})
+        for group, params in zip(self.param_groups, active):
+            decay = float(group["lr"]) * group["weight_decay_at_y"]
+            for p in params:
+                p.copy_(self.state[p]["z"])
+                if decay != 0.0:
+                    p.sub_(self.state[p]["y"], alpha=decay)
+        try:
+            self.base.step()
+        except BaseException:
+            for p in (p for params in active for p in params):
+                p.copy_(self.state[p]["y"])
+            for p in created:
+                del self.state[p]
+            raise
+        share_lr_ratios(self.param_groups, power_key=PREFIX + "weight_lr_power")
+        for group, params in zip(self.param_groups, active):
+            _, ckp1 = advance_schedule(group, float(group.get("d", 1.0)), r_key=PREFIX + "r",
+                                       power_key=PREFIX + "weight_lr_power")
+            for p in params:
+                x, y, z = (self.state[p][key] for key in POINTS)
+                z.copy_(p)
+                x.lerp_(z, ckp1)
+                y.copy_(x).lerp_(z, 1.0 - group[PREFIX + "momentum"])
+                p.copy_(y)
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        """The base optimizer's state dict with each parameter's x, y and z added to its state.
+
+        The published ``ScheduleFreeWrapperReference`` saves the same layout (it keeps its points in
+        the base's state), so either class loads the other's.
+
+        Returns:
+            A dict loadable by :meth:`load_state_dict`.
+        """
+        own, base = super().state_dict(), self.base.state_dict()
+        state = dict(base["state"])
+        for index, points in own["state"].items():
+            clash = sorted(set(state.get(index, {})) & set(POINTS))
+            if clash:
+                raise ValueError(f"{type(self.base).__name__} keeps {clash} in its per-parameter state, where "
+                                 f"{type(self).__name__} keeps its points: the state dict cannot hold both")
+            state[index] = {**state.get(index, {}), **points}
+        return {**base, "state": state}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load the points into the wrapper and the rest into the base; the two keep sharing groups.
+
+        A state dict without the mode (the published class saves none) keeps the current mode: the
+        step reads only the stored points, so either mode continues the run.
+
+        Args:
+            state_dict: a dict returned by :meth:`state_dict`, or by the published class's.
+        """
+        check_is_state_dict(self, state_dict)
+        for index, saved in enumerate(state_dict["param_groups"]):
+            try:
+                check_wrapper_group({**self.defaults, **saved})
+            except (TypeError, ValueError) as error:
+                raise type(error)(f"Invalid state_dict: {error} in its param_groups[{index}]") from None
+        mode = self.train_mode
+        own_state = {index: {key: value for key, value in entry.items() if key in POINTS}
+                     for index, entry in state_dict["state"].items()}
+        base_state = {index: {key: value for key, value in entry.items() if key not in POINTS}
+                      for index, entry in state_dict["state"].items()}
+        super().load_state_dict({"state": {i: s for i, s in own_state.items() if s},
+                                 "param_groups": state_dict["param_groups"]})
+        self.base.load_state_dict({**state_dict, "state": {i: s for i, s in base_state.items() if s}})
+        for index, (mine, theirs) in enumerate(zip(self.param_groups, self.base.param_groups)):
+            theirs.update({key: value for key, value in mine.items() if key != "params"})
+            theirs.setdefault(PREFIX + "train_mode", mode)
+            for key, value in self.defaults.items():
+                theirs.setdefault(key, value)
+            self.param_groups[index] = theirs

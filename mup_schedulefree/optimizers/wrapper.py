@@ -33,7 +33,12 @@ from .base import (SCHEDULE_DEFAULTS, advance_schedule, check_flags, check_saved
 PREFIX = "sf_"
 
 
-def _check_group(group: dict[str, Any]) -> None:
+def check_wrapper_group(group: dict[str, Any]) -> None:
+    """Validate a wrapper's group: the base's lr, ``weight_decay_at_y`` and the ``sf_`` entries.
+
+    Args:
+        group: a parameter group with the wrapper's defaults filled in.
+    """
     check_flags(group, PREFIX)
     if "lr" in group:  # the base's lr, in a group (the wrapper's defaults have none)
         check_range("lr", group["lr"], 0.0)
@@ -41,6 +46,30 @@ def _check_group(group: dict[str, Any]) -> None:
     check_range("momentum", group[PREFIX + "momentum"], 0.0, 1.0, low_open=True)
     check_range("r", group[PREFIX + "r"], 0.0)
     check_range("weight_lr_power", group[PREFIX + "weight_lr_power"], 0.0)
+
+
+def check_plain_base(base: Any, own_keys: tuple[str, ...] = ()) -> None:
+    """Raise TypeError unless ``base`` is a plain torch optimizer a wrapper can share groups with.
+
+    Refused: anything that is not a ``torch.optim.Optimizer``, an optimizer that is already
+    schedule-free (ours, the published ones, a wrapper: two averages would share their state), and
+    one whose groups already hold a key the wrapper writes.
+
+    Args:
+        base: the optimizer to wrap.
+        own_keys: group keys the wrapper writes besides its ``sf_`` ones.
+    """
+    if not isinstance(base, Optimizer):
+        raise TypeError(f"base must be a torch.optim.Optimizer instance, got {type(base).__name__}")
+    modal = callable(getattr(base, "train", None)) and callable(getattr(base, "eval", None))  # published ones
+    if modal or callable(getattr(base, "points_at_x", None)) or any(key.startswith(PREFIX)
+                                                                   for g in base.param_groups for key in g):
+        raise TypeError(f"base is already schedule-free ({type(base).__name__}): wrap a plain torch optimizer "
+                        "(the two would share their averaging state)")
+    taken = sorted({key for g in base.param_groups for key in g if key in own_keys})
+    if taken:
+        raise TypeError(f"base {type(base).__name__} keeps {', '.join(map(repr, taken))} in its parameter groups, "
+                        "where the wrapper keeps its own bookkeeping: wrap an optimizer without such keys")
 
 
 class ScheduleFreeWrapper(Optimizer):
@@ -74,19 +103,13 @@ class ScheduleFreeWrapper(Optimizer):
     def __init__(self, base: Optimizer, weight_decay_at_y: float = 0.0, momentum: float = 0.9,
                  weight_lr_power: float = 2, r: float = 0, foreach: bool | None = None,
                  fused: bool | None = None) -> None:
-        if not isinstance(base, Optimizer):
-            raise TypeError(f"base must be a torch.optim.Optimizer instance, got {type(base).__name__}")
-        modal = callable(getattr(base, "train", None)) and callable(getattr(base, "eval", None))  # published ones
-        if modal or callable(getattr(base, "points_at_x", None)) or any(key.startswith(PREFIX)
-                                                                       for g in base.param_groups for key in g):
-            raise TypeError(f"base is already schedule-free ({type(base).__name__}): wrap a plain torch optimizer "
-                            "(the two would share their averaging state)")
+        check_plain_base(base)
         self.base = base
         defaults = {PREFIX + key: value for key, value in SCHEDULE_DEFAULTS.items()}
         defaults.update({"weight_decay_at_y": weight_decay_at_y, PREFIX + "momentum": momentum,
                          PREFIX + "weight_lr_power": weight_lr_power, PREFIX + "r": r,
                          PREFIX + "foreach": foreach, PREFIX + "fused": fused, PREFIX + "train_mode": True})
-        _check_group(defaults)
+        check_wrapper_group(defaults)
         super().__init__(base.param_groups, defaults)
         self.register_load_state_dict_pre_hook(check_saved_state)
 
@@ -104,11 +127,11 @@ class ScheduleFreeWrapper(Optimizer):
         if not any(param_group is g for g in self.base.param_groups):
             if not isinstance(param_group, dict):
                 raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
-            _check_group({**self.defaults, **param_group})
+            check_wrapper_group({**self.defaults, **param_group})
             mode = self.train_mode if self.param_groups else True
             self.base.add_param_group({**param_group, PREFIX + "train_mode": mode})
             param_group = self.base.param_groups[-1]
-        _check_group({**self.defaults, **param_group})
+        check_wrapper_group({**self.defaults, **param_group})
         super().add_param_group(param_group)
         self._plans = None
 
@@ -192,7 +215,7 @@ class ScheduleFreeWrapper(Optimizer):
         loss = train_mode_closure(self, closure)
         for index, group in enumerate(self.param_groups):  # groups may have been edited since: check first
             try:
-                _check_group(group)
+                check_wrapper_group(group)
             except (TypeError, ValueError) as error:
                 raise type(error)(f"{error} in param_groups[{index}]") from None
         passes = self._cached_passes()
