@@ -18,7 +18,7 @@ from .adamw import AdamWRule
 from .base import (SCHEDULE_DEFAULTS, ModalForm, advance_schedule, check_is_state_dict, check_saved_state,
                    describe_parameter, real_view, share_lr_ratios, train_mode_closure)
 from .sgd import SGDRule
-from .wrapper import PREFIX, check_plain_base, check_wrapper_group
+from .wrapper import PREFIX, WrapperShell, check_plain_base, check_wrapper_group
 
 
 class _ReferenceForm(ModalForm):
@@ -145,7 +145,7 @@ SCHEDULE_KEYS = ("k", "lr_max", "weight_sum", "averaging", "scheduled_lr", "lr_r
 POINTS = ("x", "y", "z")
 
 
-class ScheduleFreeWrapperReference(Optimizer):
+class ScheduleFreeWrapperReference(WrapperShell):
     """Reference schedule-free wrapper: any ``torch.optim.Optimizer`` on z, with x, y and z stored.
 
     The math of :class:`ScheduleFreeWrapper` one equation a line, for experiments that combine
@@ -196,32 +196,6 @@ class ScheduleFreeWrapperReference(Optimizer):
         super().__init__(base.param_groups, defaults)
         self.register_load_state_dict_pre_hook(check_saved_state)
 
-    def __getstate__(self) -> dict[str, Any]:
-        """Pickle/deepcopy state: torch's keeps defaults, state and groups; the base goes along."""
-        return {**super().__getstate__(), "base": self.base}
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group to the base optimizer and to the wrapper (validated before either changes).
-
-        Args:
-            param_group: dict with ``params`` and optional per-group hyperparameters of the base
-                optimizer and ``weight_decay_at_y``.
-        """
-        if not any(param_group is g for g in self.base.param_groups):
-            if not isinstance(param_group, dict):
-                raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
-            check_wrapper_group({**self.defaults, **param_group})
-            mode = self.train_mode if self.param_groups else True
-            self.base.add_param_group({**param_group, PREFIX + "train_mode": mode})
-            param_group = self.base.param_groups[-1]
-        check_wrapper_group({**self.defaults, **param_group})
-        super().add_param_group(param_group)
-
-    @property
-    def train_mode(self) -> bool:
-        """True when parameters hold the training point y, False when they hold x."""
-        return all(group[PREFIX + "train_mode"] for group in self.param_groups)
-
     def _align_state(self) -> None:
         """Keep every stored point on its parameter's device and in its dtype (after ``model.to(...)``)."""
         for group in self.param_groups:
@@ -240,18 +214,6 @@ class ScheduleFreeWrapperReference(Optimizer):
                     if key in self.state.get(p, ()):
                         p.copy_(self.state[p][key])
                 group[PREFIX + "train_mode"] = to_train
-
-    @kernels.compile_disabled
-    @torch.no_grad()
-    def train(self) -> None:
-        """Put the parameters at the training point y (idempotent)."""
-        self._switch(True)
-
-    @kernels.compile_disabled
-    @torch.no_grad()
-    def eval(self) -> None:
-        """Put the parameters at the averaged point x, for evaluation and checkpointing (idempotent)."""
-        self._switch(False)
 
     @kernels.compile_disabled
     @torch.no_grad()

@@ -72,7 +72,63 @@ def check_plain_base(base: Any, own_keys: tuple[str, ...] = ()) -> None:
                         "where the wrapper keeps its own bookkeeping: wrap an optimizer without such keys")
 
 
-class ScheduleFreeWrapper(Optimizer):
+class WrapperShell(Optimizer):
+    """What both wrappers share: the base that owns the groups, group addition, the train/eval mode.
+
+    A subclass sets ``self.base`` before ``Optimizer.__init__`` over ``base.param_groups`` and
+    defines ``_switch(to_train)``, which moves the parameters of groups whose mode differs and
+    records the new mode under ``sf_train_mode``.
+    """
+
+    base: Optimizer
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle/deepcopy state: torch's keeps defaults, state and groups; the base goes along."""
+        return {**super().__getstate__(), "base": self.base}
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group to the base optimizer and to the wrapper (validated before either changes).
+
+        Args:
+            param_group: dict with ``params`` and optional per-group hyperparameters of the base
+                optimizer and ``weight_decay_at_y``.
+        """
+        if not any(param_group is g for g in self.base.param_groups):
+            if not isinstance(param_group, dict):
+                raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+            check_wrapper_group({**self.defaults, **param_group})
+            mode = self.train_mode if self.param_groups else True
+            self.base.add_param_group({**param_group, PREFIX + "train_mode": mode})
+            param_group = self.base.param_groups[-1]
+        check_wrapper_group({**self.defaults, **param_group})
+        super().add_param_group(param_group)
+        self._groups_changed()
+
+    def _groups_changed(self) -> None:
+        """Called after a group was added: drop whatever was derived from the groups."""
+
+    @property
+    def train_mode(self) -> bool:
+        """True when parameters hold the training point y, False when they hold x."""
+        return all(group[PREFIX + "train_mode"] for group in self.param_groups)
+
+    def _switch(self, to_train: bool) -> None:
+        raise NotImplementedError
+
+    @kernels.compile_disabled
+    @torch.no_grad()
+    def train(self) -> None:
+        """Put the parameters at the training point y (idempotent)."""
+        self._switch(True)
+
+    @kernels.compile_disabled
+    @torch.no_grad()
+    def eval(self) -> None:
+        """Put the parameters at the averaged point x, for evaluation and checkpointing (idempotent)."""
+        self._switch(False)
+
+
+class ScheduleFreeWrapper(WrapperShell):
     """Make any ``torch.optim.Optimizer`` schedule-free.
 
     Call ``train()`` before training and ``eval()`` before evaluating or saving; a new wrapper
@@ -113,32 +169,9 @@ class ScheduleFreeWrapper(Optimizer):
         super().__init__(base.param_groups, defaults)
         self.register_load_state_dict_pre_hook(check_saved_state)
 
-    def __getstate__(self) -> dict[str, Any]:
-        """Pickle/deepcopy state: torch's keeps defaults, state and groups; the base goes along."""
-        return {**super().__getstate__(), "base": self.base}
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group to the base optimizer and to the wrapper (validated before either changes).
-
-        Args:
-            param_group: dict with ``params`` and optional per-group hyperparameters of the base
-                optimizer and ``weight_decay_at_y``.
-        """
-        if not any(param_group is g for g in self.base.param_groups):
-            if not isinstance(param_group, dict):
-                raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
-            check_wrapper_group({**self.defaults, **param_group})
-            mode = self.train_mode if self.param_groups else True
-            self.base.add_param_group({**param_group, PREFIX + "train_mode": mode})
-            param_group = self.base.param_groups[-1]
-        check_wrapper_group({**self.defaults, **param_group})
-        super().add_param_group(param_group)
+    def _groups_changed(self) -> None:
+        """A group was added: the plans no longer cover every group."""
         self._plans = None
-
-    @property
-    def train_mode(self) -> bool:
-        """True when parameters hold the training point y, False when they hold x."""
-        return all(group[PREFIX + "train_mode"] for group in self.param_groups)
 
     def _align_state(self) -> None:
         """Keep every z slot on its parameter's device and in its dtype (after ``model.to(...)``)."""
@@ -188,18 +221,6 @@ class ScheduleFreeWrapper(Optimizer):
     def _flags(group: dict[str, Any]) -> dict[str, bool | None]:
         """The wrapper's own kernel flags of ``group``, for ``kernels.route`` to resolve."""
         return dict(fused=group.get(PREFIX + "fused"), foreach=group.get(PREFIX + "foreach"))
-
-    @kernels.compile_disabled
-    @torch.no_grad()
-    def train(self) -> None:
-        """Put the parameters at the training point y (idempotent)."""
-        self._switch(True)
-
-    @kernels.compile_disabled
-    @torch.no_grad()
-    def eval(self) -> None:
-        """Put the parameters at the averaged point x, for evaluation and checkpointing (idempotent)."""
-        self._switch(False)
 
     @kernels.compile_disabled
     @torch.no_grad()
