@@ -258,6 +258,24 @@ def upgrade_saved_group(group: dict[str, Any], prefix: str = "", power_key: str 
     return group
 
 
+def check_each_group(groups: Iterable[dict[str, Any]], check: Callable[[dict[str, Any]], None], *,
+                     saved: bool = False) -> None:
+    """Run ``check`` on every group; its TypeError/ValueError gains the group's index.
+
+    Args:
+        groups: parameter groups (live ones, or a state dict's).
+        check: raises TypeError/ValueError naming the argument at fault.
+        saved: the groups come from a state dict being loaded (the message says so).
+    """
+    for index, group in enumerate(groups):
+        try:
+            check(group)
+        except (TypeError, ValueError) as error:
+            if saved:
+                raise type(error)(f"Invalid state_dict: {error} in its param_groups[{index}]") from None
+            raise type(error)(f"{error} in param_groups[{index}]") from None
+
+
 def check_is_state_dict(optimizer: Optimizer, state_dict: Any) -> None:
     """Raise ValueError naming the argument unless ``state_dict`` looks like an optimizer's state dict.
 
@@ -422,11 +440,7 @@ class ScheduleFreeCore(Optimizer):
         state dict), and a value that fails half way through a step would leave earlier groups
         stepped and later ones not. The error names the group.
         """
-        for index, group in enumerate(self.param_groups):
-            try:
-                self._validate(group)
-            except (TypeError, ValueError) as error:
-                raise type(error)(f"{error} in param_groups[{index}]") from None
+        check_each_group(self.param_groups, self._validate)
 
     def _check_state(self) -> None:
         """Raise, naming the parameter, if some state no longer fits its parameter; change nothing.
@@ -624,11 +638,8 @@ class ScheduleFreeCore(Optimizer):
         """
         check_is_state_dict(self, state_dict)
         state_dict = {**state_dict, "param_groups": [upgrade_saved_group(g) for g in state_dict["param_groups"]]}
-        for index, saved in enumerate(state_dict["param_groups"]):
-            try:
-                self._validate({**self.defaults, **saved})
-            except (TypeError, ValueError) as error:
-                raise type(error)(f"Invalid state_dict: {error} in its param_groups[{index}]") from None
+        check_each_group(state_dict["param_groups"], lambda saved: self._validate({**self.defaults, **saved}),
+                         saved=True)
         self._plans = None
         super().load_state_dict(state_dict)
         for group in self.param_groups:  # a published state dict lacks this package's own keys
@@ -664,26 +675,19 @@ def train_mode_closure(optimizer: Optimizer, closure: Callable[[], Any] | None) 
         return closure()
 
 
-class ModalForm(ScheduleFreeCore):
-    """Train/eval mode kept in every group (so state_dict carries it); a new optimizer trains.
+class Modes:
+    """The train/eval mode, kept in every group under ``_mode_key`` so that state_dict carries it.
 
-    Subclasses define ``_switch(to_train)``, which moves the parameters of groups whose mode
-    differs and records the new mode.
+    A subclass (an ``Optimizer``) defines ``_switch(to_train)``, which moves the parameters of the
+    groups whose mode differs and records the new mode.
     """
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group; it is validated first and joins the optimizer's current mode.
-
-        Args:
-            param_group: dict with ``params`` and optional per-group hyperparameters.
-        """
-        mode = self.param_groups[0]["train_mode"] if self.param_groups else True
-        super().add_param_group({**param_group, "train_mode": mode})
+    _mode_key = "train_mode"
 
     @property
     def train_mode(self) -> bool:
         """True when parameters hold the training point y, False when they hold x."""
-        return all(group["train_mode"] for group in self.param_groups)
+        return all(group[self._mode_key] for group in self.param_groups)
 
     def _switch(self, to_train: bool) -> None:
         raise NotImplementedError
@@ -699,6 +703,23 @@ class ModalForm(ScheduleFreeCore):
     def eval(self) -> None:
         """Put the parameters at the averaged point x, for evaluation and checkpointing (idempotent)."""
         self._switch(False)
+
+
+class ModalForm(Modes, ScheduleFreeCore):
+    """Train/eval mode kept in every group (so state_dict carries it); a new optimizer trains.
+
+    Subclasses define ``_switch(to_train)``, which moves the parameters of groups whose mode
+    differs and records the new mode.
+    """
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group; it is validated first and joins the optimizer's current mode.
+
+        Args:
+            param_group: dict with ``params`` and optional per-group hyperparameters.
+        """
+        mode = self.param_groups[0]["train_mode"] if self.param_groups else True
+        super().add_param_group({**param_group, "train_mode": mode})
 
     def _begin_step(self, closure: Callable[[], Any] | None) -> Any:
         """Refuse a step outside train mode, evaluate the closure, share this step's lr ratios."""

@@ -15,8 +15,8 @@ from torch.optim import Optimizer
 from .. import kernels
 from ..schedule import warmup_multiplier
 from .adamw import AdamWRule
-from .base import (SCHEDULE_DEFAULTS, ModalForm, advance_schedule, check_is_state_dict, check_saved_state,
-                   describe_parameter, real_view, share_lr_ratios, train_mode_closure)
+from .base import (SCHEDULE_DEFAULTS, ModalForm, advance_schedule, check_each_group, check_is_state_dict,
+                   check_saved_state, describe_parameter, real_view, share_lr_ratios, train_mode_closure)
 from .sgd import SGDRule
 from .wrapper import PREFIX, WrapperShell, check_plain_base, check_wrapper_group
 
@@ -229,11 +229,7 @@ class ScheduleFreeWrapperReference(WrapperShell):
 
     def _check_before_step(self) -> None:
         """Raise, naming the group or parameter, before a step that could not complete; change nothing."""
-        for index, group in enumerate(self.param_groups):  # groups may have been edited since
-            try:
-                check_wrapper_group(group)
-            except (TypeError, ValueError) as error:
-                raise type(error)(f"{error} in param_groups[{index}]") from None
+        check_each_group(self.param_groups, check_wrapper_group)  # groups may have been edited since
         for group in self.param_groups:
             for index, p in enumerate(group["params"]):
                 z = self.state.get(p, {}).get("z")
@@ -314,11 +310,8 @@ class ScheduleFreeWrapperReference(WrapperShell):
             state_dict: a dict returned by :meth:`state_dict`, or by the published class's.
         """
         check_is_state_dict(self, state_dict)
-        for index, saved in enumerate(state_dict["param_groups"]):
-            try:
-                check_wrapper_group({**self.defaults, **saved})
-            except (TypeError, ValueError) as error:
-                raise type(error)(f"Invalid state_dict: {error} in its param_groups[{index}]") from None
+        check_each_group(state_dict["param_groups"], lambda saved: check_wrapper_group({**self.defaults, **saved}),
+                         saved=True)
         mode = self.train_mode
         own_state = {index: {key: value for key, value in entry.items() if key in POINTS}
                      for index, entry in state_dict["state"].items()}

@@ -27,8 +27,8 @@ from torch.optim import Optimizer
 
 from .. import kernels
 from ..validation import check_range
-from .base import (SCHEDULE_DEFAULTS, advance_schedule, check_flags, check_saved_state, local, share_lr_ratios,
-                   train_mode_closure, upgrade_saved_group)
+from .base import (SCHEDULE_DEFAULTS, Modes, advance_schedule, check_each_group, check_flags, check_saved_state,
+                   local, share_lr_ratios, train_mode_closure, upgrade_saved_group)
 
 PREFIX = "sf_"
 
@@ -72,7 +72,7 @@ def check_plain_base(base: Any, own_keys: tuple[str, ...] = ()) -> None:
                         "where the wrapper keeps its own bookkeeping: wrap an optimizer without such keys")
 
 
-class WrapperShell(Optimizer):
+class WrapperShell(Modes, Optimizer):
     """What both wrappers share: the base that owns the groups, group addition, the train/eval mode.
 
     A subclass sets ``self.base`` before ``Optimizer.__init__`` over ``base.param_groups`` and
@@ -81,6 +81,7 @@ class WrapperShell(Optimizer):
     """
 
     base: Optimizer
+    _mode_key = PREFIX + "train_mode"
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickle/deepcopy state: torch's keeps defaults, state and groups; the base goes along."""
@@ -106,26 +107,6 @@ class WrapperShell(Optimizer):
 
     def _groups_changed(self) -> None:
         """Called after a group was added: drop whatever was derived from the groups."""
-
-    @property
-    def train_mode(self) -> bool:
-        """True when parameters hold the training point y, False when they hold x."""
-        return all(group[PREFIX + "train_mode"] for group in self.param_groups)
-
-    def _switch(self, to_train: bool) -> None:
-        raise NotImplementedError
-
-    @kernels.compile_disabled
-    @torch.no_grad()
-    def train(self) -> None:
-        """Put the parameters at the training point y (idempotent)."""
-        self._switch(True)
-
-    @kernels.compile_disabled
-    @torch.no_grad()
-    def eval(self) -> None:
-        """Put the parameters at the averaged point x, for evaluation and checkpointing (idempotent)."""
-        self._switch(False)
 
 
 class ScheduleFreeWrapper(WrapperShell):
@@ -234,11 +215,7 @@ class ScheduleFreeWrapper(WrapperShell):
             The closure's loss, or None.
         """
         loss = train_mode_closure(self, closure)
-        for index, group in enumerate(self.param_groups):  # groups may have been edited since: check first
-            try:
-                check_wrapper_group(group)
-            except (TypeError, ValueError) as error:
-                raise type(error)(f"{error} in param_groups[{index}]") from None
+        check_each_group(self.param_groups, check_wrapper_group)  # groups may have been edited since
         passes = self._cached_passes()
         if passes is None:
             self._align_state()
