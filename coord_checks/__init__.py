@@ -7,6 +7,8 @@ DataFrame of per-module statistics at the schedule-free training point y and eva
 ``run_coord_check`` and ``run_transfer`` do all of it for the example models, ``check_model`` for
 your own (``coord_checks.custom``), and ``python -m coord_checks`` from the command line.
 ``coord_checks.diagnose.diagnose`` finds the parameter group whose learning rate fails to transfer.
+``run_study`` (``coord_checks.study``) measures whether muP tuned at the base width matches standard
+parametrization tuned at every width.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ _HOMES = {
     "plot_coords": "plots", "plot_over_time": "plots", "plot_transfer": "plots",
     "plot_anytime": "plots", "plot_lr_wd": "plots", "save_figure": "plots",
     "record_coords": "recording",
+    "run_study": "study", "plot_study": "plots",
     "fit_optima": "transfer", "fit_joint_optima": "transfer", "joint_drift": "transfer", "lr_grid": "transfer", "optimum_drift": "transfer", "sweep_learning_rates": "transfer",
     "Thresholds": "verdict", "Verdict": "verdict", "judge": "verdict",
 }
@@ -63,4 +66,6 @@ __all__ = [
     "causal_lm_factory",
     "run_coord_check",
     "run_transfer",
+    "run_study",
+    "plot_study",
 ]

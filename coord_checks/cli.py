@@ -34,7 +34,7 @@ import torch
 
 from mup_schedulefree.files import replace_atomically
 
-from coord_checks import custom, diagnose, experiments, plots, transfer, verdict
+from coord_checks import custom, diagnose, experiments, plots, study, transfer, verdict
 from coord_checks.models import MODEL_NAMES, N_HEADS
 from coord_checks.optimizers import DEFAULT_LRS, OPTIMIZER_NAMES, optimizer_factory
 from coord_checks.recording import STATISTICS
@@ -200,6 +200,63 @@ def build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser, a
     doctor.add_argument("--rounds", type=_number(int, "a non-negative integer", lambda v: v >= 0), default=1,
                         help="extra coordinate-descent passes at the smallest width (default: 1)")
     return check, sweep, doctor
+
+
+def build_study_parser() -> argparse.ArgumentParser:
+    """The parser of the ``study`` subcommand: muP tuned at the base width against SP tuned at every width."""
+    parser = _OneLineParser(
+        prog=f"{PROG} study",
+        description="Does muP pay off? muP tuned at the smallest width only, against standard "
+                    "parametrization tuned at every width, on standard-library text: test loss at x per "
+                    "width with the seed spread, the gap, the lr drift, and ablations. Resumes from the "
+                    "runs already in --out.",
+    )
+    parser.add_argument("--model", choices=("transformer", "mlp"), default="transformer",
+                        help="example model (default: transformer)")
+    parser.add_argument("--optimizer", choices=study.STUDY_OPTIMIZERS, default="adamw",
+                        help="schedule-free optimizer (default: adamw)")
+    defaults = study.StudySettings()
+    parser.add_argument("--widths", type=_positive_int, nargs="+", metavar="W", default=list(defaults.widths),
+                        help="increasing widths; muP is tuned at the first "
+                             f"(default: {' '.join(map(str, defaults.widths))})")
+    parser.add_argument("--seeds", type=_seed, nargs="+", metavar="S", default=list(defaults.seeds),
+                        help="seeds of initialisation and data order (default: 0 1)")
+    parser.add_argument("--steps", type=_positive_int, default=defaults.steps,
+                        help=f"training steps per run (default: {defaults.steps})")
+    parser.add_argument("--eval-steps", type=_positive_int, nargs="+", metavar="S", default=[],
+                        help="also evaluate every run at these earlier steps (the horizon ablation)")
+    parser.add_argument("--batch-size", type=_positive_int, default=defaults.batch_size,
+                        help=f"sequences per training batch (default: {defaults.batch_size})")
+    parser.add_argument("--seq-len", type=_positive_int, default=defaults.seq_len,
+                        help=f"characters per sequence, transformer (default: {defaults.seq_len})")
+    parser.add_argument("--warmup-steps", type=_number(int, "a non-negative integer", lambda v: v >= 0),
+                        default=defaults.warmup_steps, help=f"warmup steps (default: {defaults.warmup_steps})")
+    parser.add_argument("--weight-decay", type=_number(float, "a non-negative number", lambda v: 0 <= v < math.inf),
+                        default=defaults.weight_decay, help="weight decay (default: 0)")
+    parser.add_argument("--points-per-octave", type=_positive_int, default=defaults.points_per_octave,
+                        help=f"learning-rate lattice points per factor of 2 (default: {defaults.points_per_octave})")
+    ablations = parser.add_argument_group("ablations (each adds a muP variant)")
+    ablations.add_argument("--no-zero-init", action="store_true",
+                           help="muP with PyTorch's initialisation of readout and query")
+    ablations.add_argument("--tune-mults", nargs="+", choices=study.MULTIPLIERS, metavar="MULT",
+                           help="muP with these multipliers (input, output, attn) tuned at the base width "
+                                f"over {' '.join(f'{m:g}' for m in study.DEFAULT_MULT_GRID)}")
+    ablations.add_argument("--tune-roles", action="store_true",
+                           help="muP with every role's lr multiplier tuned at the base width")
+    ablations.add_argument("--betas", type=_number(float, "a number in [0, 1)", lambda v: 0 <= v < 1),
+                           nargs="+", metavar="B", default=[],
+                           help="SP and muP with this schedule-free momentum (one variant each)")
+    ablations.add_argument("--eps", type=_learning_rate, nargs="+", metavar="E", default=[],
+                           help="SP and muP with this Adam epsilon (one variant each)")
+    ablations.add_argument("--scale-eps", action="store_true",
+                           help="muP with eps scaled with width (per --eps value), against SP at that eps")
+    parser.add_argument("--out", default="study_out", metavar="DIR",
+                        help="output folder; runs already there are reused (default: ./study_out)")
+    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--threads", type=_thread_count, default=1,
+                        help="torch intra-op threads (default: 1)")
+    parser.add_argument("--quiet", action="store_true", help="no line per run")
+    return parser
 
 
 def is_user_model(args: argparse.Namespace) -> bool:
@@ -629,6 +686,73 @@ def run_diagnose(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_study(args: argparse.Namespace) -> int:
+    """Run (or resume) the study described by parsed arguments, then write and print its answer.
+
+    Args:
+        args: namespace from the study parser.
+
+    Returns:
+        Exit status 0.
+
+    Raises:
+        UsageError: for settings the study refuses, an output folder holding another study, running
+            out of memory, or an output file that cannot be written.
+    """
+    start = time.perf_counter()
+    try:
+        settings = study.StudySettings(
+            model=args.model, optimizer=args.optimizer, widths=tuple(args.widths), seeds=tuple(args.seeds),
+            steps=args.steps, eval_steps=tuple(sorted(set(args.eval_steps))), batch_size=args.batch_size,
+            seq_len=args.seq_len, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
+            points_per_octave=args.points_per_octave)
+        chosen = study.variants(no_zero_init=args.no_zero_init, tune_mults=args.tune_mults or (),
+                                tune_roles=args.tune_roles, betas=args.betas, epsilons=args.eps,
+                                scale_eps=args.scale_eps)
+    except ValueError as error:
+        raise UsageError(f"argument --{_flag_of(str(error))}: {error}") from None
+    out = Path(args.out)
+    report = None if args.quiet else (lambda line: print(line, flush=True))
+    with _out_of_memory_as_usage_error(args, args.widths):
+        try:
+            runs, tuned = study.run_study(settings, chosen, out=out, report=report, device=args.device)
+        except ValueError as error:
+            raise UsageError(f"argument --out: {error}" if "output folder" in str(error)
+                             else f"argument --{_flag_of(str(error))}: {error}") from None
+    summary = study.summarize(runs, settings, tuned, chosen)
+    drift = study.drift(summary)
+    _write_whole(out / "study_summary.csv", lambda path: summary.to_csv(path, index=False))
+    _write_whole(out / "study_drift.csv", lambda path: drift.to_csv(path, index=False))
+    written = ["study_runs.csv", "study_summary.csv", "study_drift.csv"]
+    for step in settings.horizons:
+        name = "study.png" if step == settings.steps else f"study_step{step}.png"
+        title = (f"{args.model}, {args.optimizer} schedule-free, {step} steps, seeds "
+                 f"{' '.join(map(str, args.seeds))}: muP tuned at width {settings.widths[0]} vs SP tuned per width")
+        figure = plots.plot_study(summary, step=step, title=title)
+        _write_whole(out / name, lambda path, figure=figure: plots.save_figure(figure, path))
+        written.append(name)
+    columns = {"variant": "variant", "step": "step", "width": "width", "sp_log2_lr": "SP log2 lr",
+               "sp_test": "SP test", "sp_test_std": "+/-", "mup_log2_lr": "muP log2 lr",
+               "mup_log2_lr_opt": "muP opt", "mup_test": "muP test", "mup_test_std": "+/- ",
+               "gap": "gap", "gap_std": " +/-", "wider_is_better": "wider better"}
+    table = summary[list(columns)].rename(columns=columns)
+    print("\nTest loss at x per width: SP at its validation-best lr there, muP at the lr tuned at the base "
+          "width (gap = muP - SP, paired by seed; +/- = std over seeds):")
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print("\nDrift of the optimal lr across widths (octaves; trend = slope of log2 lr_opt vs log2 width):")
+    print(drift.to_string(index=False, float_format=lambda v: f"{v:.2f}"))
+    print(f"\nwrote {', '.join(written)} to {out.resolve()}/ in {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _flag_of(message: str) -> str:
+    """The flag a study settings error is about (its first word, as a flag)."""
+    first = message.split()[0].rstrip(":")
+    return {"epsilons": "eps", "tune_mults": "tune-mults", "variant": "tune-mults",
+            "start_points": "points-per-octave", "max_points": "points-per-octave"}.get(
+        first, first.replace("_", "-"))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python -m coord_checks``.
 
@@ -647,18 +771,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     try:
         argv = list(sys.argv[1:] if argv is None else argv)
-        parsers = dict(zip(("check", "transfer", "diagnose"), build_parsers()))
+        parsers = {**dict(zip(("check", "transfer", "diagnose"), build_parsers())), "study": build_study_parser()}
         command = argv[0] if argv and argv[0] in parsers else "check"
         if argv and argv[0] in parsers:
             argv = argv[1:]
         parser = parsers[command]
         args = parser.parse_args(argv)
-        _check_widths(parser, args)
+        if command != "study":
+            _check_widths(parser, args)
         _check_device(parser, args.device)
         _check_out(parser, args.out)
         torch.set_num_threads(args.threads)
         try:
-            return {"check": run_check, "transfer": run_transfer, "diagnose": run_diagnose}[command](args)
+            return {"check": run_check, "transfer": run_transfer, "diagnose": run_diagnose,
+                    "study": run_study}[command](args)
         except UsageError as error:
             parser.error(str(error))
     except KeyboardInterrupt:

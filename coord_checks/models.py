@@ -63,10 +63,23 @@ def check_parametrization(parametrization: str) -> str:
     return check_choice("parametrization", parametrization, PARAMETRIZATIONS)
 
 
-def _readout(width: int, d_out: int, parametrization: str, bias: bool = True) -> nn.Linear:
+def _readout(width: int, d_out: int, parametrization: str, bias: bool = True, zero_init: bool = True,
+             output_mult: float = 1.0) -> nn.Linear:
     if parametrization == "mup":
-        return mup.MuReadout(width, d_out, bias=bias, readout_zero_init=True)
+        return mup.MuReadout(width, d_out, bias=bias, readout_zero_init=zero_init, output_mult=output_mult)
     return nn.Linear(width, d_out, bias=bias)
+
+
+def _check_knobs(parametrization: str, zero_init: bool, **multipliers: float | None) -> None:
+    """The muP knobs exist in muP only, and the multipliers must be positive."""
+    for name, value in multipliers.items():
+        if value is not None and not (isinstance(value, (int, float)) and 0 < value < math.inf):
+            raise ValueError(f"{name} must be a positive number, got {value!r}")
+    if parametrization == "sp" and (not zero_init or any(
+            value not in (None, 1.0) for name, value in multipliers.items() if name != "attn_mult")
+            or multipliers.get("attn_mult") is not None):
+        raise ValueError("zero_init, input_mult, output_mult and attn_mult are muP knobs: "
+                         "leave them at their defaults with parametrization='sp'")
 
 
 class MLP(nn.Module):
@@ -78,20 +91,30 @@ class MLP(nn.Module):
         d_out: outputs (logits).
         n_hidden: number of hidden width-by-width layers.
         parametrization: ``"mup"`` or ``"sp"`` (see the module docstring).
+        zero_init: muP only: initialise the readout to zero (mup's ``readout_zero_init``).
+        input_mult: muP only: multiplier of the input layer's output.
+        output_mult: muP only: ``MuReadout``'s ``output_mult`` (logits scaled by it over width_mult).
     """
 
     def __init__(
-        self, width: int, d_in: int, d_out: int, n_hidden: int = 2, parametrization: str = "mup"
+        self, width: int, d_in: int, d_out: int, n_hidden: int = 2, parametrization: str = "mup",
+        zero_init: bool = True, input_mult: float = 1.0, output_mult: float = 1.0,
     ) -> None:
         super().__init__()
         check_parametrization(parametrization)
+        _check_knobs(parametrization, zero_init, input_mult=input_mult, output_mult=output_mult)
+        self.input_mult = input_mult
         self.input = nn.Linear(d_in, width, bias=False)
         self.hidden = nn.ModuleList(nn.Linear(width, width, bias=False) for _ in range(n_hidden))
-        self.readout = _readout(width, d_out, parametrization, bias=False)
+        self.readout = _readout(width, d_out, parametrization, bias=False, zero_init=zero_init,
+                                output_mult=output_mult)
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits over the vocabulary for one-hot character contexts."""
-        h = F.relu(self.input(x))
+        h = self.input(x)
+        if self.input_mult != 1.0:
+            h = h * self.input_mult
+        h = F.relu(h)
         for layer in self.hidden:
             h = F.relu(layer(h))
         return self.readout(h)
@@ -134,9 +157,11 @@ class CausalSelfAttention(nn.Module):
         parametrization: ``"mup"`` (logits scaled by ``attn_mult / head_dim``, zero query) or
             ``"sp"`` (logits scaled by ``1 / sqrt(head_dim)``).
         attn_mult: numerator of the muP logit scale; ignored in SP.
+        zero_init: muP only: initialise the query projection to zero.
     """
 
-    def __init__(self, d_model: int, n_heads: int, parametrization: str, attn_mult: float) -> None:
+    def __init__(self, d_model: int, n_heads: int, parametrization: str, attn_mult: float,
+                 zero_init: bool = True) -> None:
         super().__init__()
         if d_model % n_heads:
             raise ValueError(f"d_model={d_model} is not divisible by n_heads={n_heads}")
@@ -149,7 +174,8 @@ class CausalSelfAttention(nn.Module):
         self.out = nn.Linear(d_model, d_model, bias=False)
         if parametrization == "mup":
             self.scale = attn_mult / self.head_dim
-            nn.init.zeros_(self.query.weight)
+            if zero_init:
+                nn.init.zeros_(self.query.weight)
         else:
             self.scale = 1.0 / math.sqrt(self.head_dim)
 
@@ -184,10 +210,11 @@ class FeedForward(nn.Module):
 class Block(nn.Module):
     """Pre-LayerNorm Transformer block."""
 
-    def __init__(self, d_model: int, n_heads: int, parametrization: str, attn_mult: float) -> None:
+    def __init__(self, d_model: int, n_heads: int, parametrization: str, attn_mult: float,
+                 zero_init: bool = True) -> None:
         super().__init__()
         self.ln1 = nn.LayerNorm(d_model)
-        self.attn = CausalSelfAttention(d_model, n_heads, parametrization, attn_mult)
+        self.attn = CausalSelfAttention(d_model, n_heads, parametrization, attn_mult, zero_init)
         self.ln2 = nn.LayerNorm(d_model)
         self.mlp = FeedForward(d_model)
 
@@ -208,6 +235,11 @@ class GPT(nn.Module):
         n_heads: attention heads (fixed across widths).
         parametrization: ``"mup"`` or ``"sp"`` (see the module docstring).
         base_width: the ``d_model`` at which muP's attention scale equals SP's.
+        zero_init: muP only: initialise the readout and every query projection to zero.
+        input_mult: muP only: multiplier of the summed token and position embeddings.
+        output_mult: muP only: ``MuReadout``'s ``output_mult``.
+        attn_mult: muP only: numerator of the attention-logit scale ``attn_mult / head_dim``
+            (default ``sqrt(base_width / n_heads)``, SP's scale at the base width).
     """
 
     def __init__(
@@ -219,22 +251,32 @@ class GPT(nn.Module):
         n_heads: int = N_HEADS,
         parametrization: str = "mup",
         base_width: int = BASE_WIDTHS["transformer"],
+        zero_init: bool = True,
+        input_mult: float = 1.0,
+        output_mult: float = 1.0,
+        attn_mult: float | None = None,
     ) -> None:
         super().__init__()
         check_parametrization(parametrization)
-        attn_mult = math.sqrt(base_width / n_heads)
+        _check_knobs(parametrization, zero_init, input_mult=input_mult, output_mult=output_mult,
+                     attn_mult=attn_mult)
+        attn_mult = math.sqrt(base_width / n_heads) if attn_mult is None else attn_mult
+        self.input_mult = input_mult
         self.tok_emb = nn.Embedding(vocab_size, width)
         self.pos_emb = nn.Embedding(max_seq_len, width)
         self.blocks = nn.ModuleList(
-            Block(width, n_heads, parametrization, attn_mult) for _ in range(n_layers)
+            Block(width, n_heads, parametrization, attn_mult, zero_init) for _ in range(n_layers)
         )
         self.ln_f = nn.LayerNorm(width)
-        self.readout = _readout(width, vocab_size, parametrization, bias=False)
+        self.readout = _readout(width, vocab_size, parametrization, bias=False, zero_init=zero_init,
+                                output_mult=output_mult)
 
     def forward(self, tokens: Tensor) -> Tensor:
         """Next-character logits for every position of a batch of token sequences."""
         positions = torch.arange(tokens.shape[1], device=tokens.device)
         h = self.tok_emb(tokens) + self.pos_emb(positions)
+        if self.input_mult != 1.0:
+            h = h * self.input_mult
         for block in self.blocks:
             h = block(h)
         return self.readout(self.ln_f(h))

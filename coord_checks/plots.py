@@ -357,6 +357,68 @@ def plot_lr_wd(sweep: pd.DataFrame, joint: pd.DataFrame | None = None, loss: str
     return fig
 
 
+def plot_study(summary: pd.DataFrame, step: int | None = None, title: str | None = None) -> Figure:
+    """"Does muP pay off?" figure from ``coord_checks.study.summarize``: two panels over width.
+
+    Left: test loss at x against width, with the seed spread as error bars: SP tuned at every
+    width (black) and each muP variant at the learning rate tuned at the base width. Right: the
+    learning rate each side uses (SP's optimum moves, muP's is fixed) and, dotted, muP's own optimum
+    at each width.
+
+    Args:
+        summary: a frame from ``coord_checks.study.summarize``.
+        step: the horizon to draw (default: the largest).
+        title: figure title.
+
+    Returns:
+        The figure.
+
+    Raises:
+        ValueError: if the summary is empty or has no row at ``step``.
+    """
+    if summary.empty:
+        raise ValueError("summary is empty: nothing to plot")
+    step = int(summary["step"].max()) if step is None else step
+    rows = summary[summary["step"] == step]
+    if rows.empty:
+        raise ValueError(f"step: the summary has no rows at step {step}")
+    variants = list(dict.fromkeys(rows["variant"]))
+    cmap = matplotlib.colormaps["tab10"]
+    with matplotlib.rc_context(_STYLE):
+        fig = Figure(figsize=(8.0, 3.4), layout="constrained")
+        loss_ax, lr_ax = fig.subplots(1, 2)
+        sp_drawn = set()
+        for i, variant in enumerate(variants):
+            part = rows[rows["variant"] == variant].sort_values("width")
+            colour = cmap(i % 10)
+            sp_key = tuple(part["sp_test"].round(12))
+            if sp_key not in sp_drawn:
+                sp_drawn.add(sp_key)
+                label = "SP, tuned at every width" + ("" if len(sp_drawn) == 1 else f" ({variant})")
+                loss_ax.errorbar(part["width"], part["sp_test"], yerr=part["sp_test_std"], color="black",
+                                 marker="s", ms=4, lw=1.2, capsize=2, ls="-" if len(sp_drawn) == 1 else "--",
+                                 label=label)
+                lr_ax.plot(part["width"], part["sp_log2_lr"], color="black", marker="s", ms=4, lw=1.2,
+                           ls="-" if len(sp_drawn) == 1 else "--", label=label)
+            loss_ax.errorbar(part["width"], part["mup_test"], yerr=part["mup_test_std"], color=colour,
+                             marker="o", ms=4, lw=1.2, capsize=2, label=f"muP {variant}, tuned at base width")
+            lr_ax.plot(part["width"], part["mup_log2_lr"], color=colour, marker="o", ms=4, lw=1.2,
+                       label=f"muP {variant}: lr used")
+            lr_ax.plot(part["width"], part["mup_log2_lr_opt"], color=colour, ls=":", lw=1.0)
+        for ax in (loss_ax, lr_ax):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("width")
+            ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        loss_ax.set_ylabel(f"test loss at x after {step} steps")
+        loss_ax.set_title("loss: seed mean +/- std", fontweight="bold")
+        lr_ax.set_ylabel("log2 learning rate (base lr for muP)")
+        lr_ax.set_title("learning rate used (dotted: muP's optimum)", fontweight="bold")
+        loss_ax.legend(loc="best")
+        if title:
+            fig.suptitle(title)
+    return fig
+
+
 def save_figure(fig: Figure, path: str | Path, dpi: int = 120) -> Path:
     """Write a figure as PNG, creating the folder if needed.
 

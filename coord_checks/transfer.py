@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -89,14 +89,18 @@ def train_and_evaluate(
     return train_loss, eval_loss
 
 
-def _evaluate_at_x(model: nn.Module, optimizer: torch.optim.Optimizer, eval_batches: Sequence[Batch],
-                   loss_fn: Callable[[Tensor, Tensor], Tensor]) -> float:
+def _evaluate_at_x(model: nn.Module, optimizer: torch.optim.Optimizer,
+                   eval_sets: Mapping[str, Sequence[Batch]],
+                   loss_fn: Callable[[Tensor, Tensor], Tensor]) -> dict[str, float]:
     if hasattr(optimizer, "eval"):
         optimizer.eval()
     model.eval()
+    losses = {}
     with torch.no_grad():
-        value = float(torch.stack([loss_fn(model(x), y) for x, y in eval_batches]).mean())
-    return value if math.isfinite(value) else math.nan
+        for name, batches in eval_sets.items():
+            value = float(torch.stack([loss_fn(model(x), y) for x, y in batches]).mean())
+            losses[name] = value if math.isfinite(value) else math.nan
+    return losses
 
 
 def train_and_evaluate_at(
@@ -129,9 +133,40 @@ def train_and_evaluate_at(
     Raises:
         ValueError: for an empty ``eval_steps`` or a non-positive step.
     """
+    return [(step, train_loss, losses["eval"]) for step, train_loss, losses in train_and_evaluate_sets(
+        model, optimizer, train_batches, {"eval": eval_batches}, loss_fn, eval_steps)]
+
+
+def train_and_evaluate_sets(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    train_batches: Sequence[Batch],
+    eval_sets: Mapping[str, Sequence[Batch]],
+    loss_fn: Callable[[Tensor, Tensor], Tensor],
+    eval_steps: Sequence[int],
+) -> list[tuple[int, float, dict[str, float]]]:
+    """``train_and_evaluate_at`` with several named held-out sets (e.g. validation and test).
+
+    Args:
+        model: the network, on the batches' device.
+        optimizer: a schedule-free optimizer in train mode (left in eval mode at the end).
+        train_batches: step ``t`` uses ``train_batches[t % len(train_batches)]``.
+        eval_sets: ``{name: held-out batches}``, each averaged on its own.
+        loss_fn: ``(model_output, targets) -> scalar loss``.
+        eval_steps: positive step counts.
+
+    Returns:
+        ``(step, train_loss, {name: loss at x})`` per evaluation step, increasing; ``nan`` losses
+        from the step where training diverged (a non-finite loss) on.
+
+    Raises:
+        ValueError: for an empty ``eval_steps`` or a non-positive step, or no held-out set.
+    """
     targets = sorted(set(eval_steps))
     if not targets or any(isinstance(t, bool) or not isinstance(t, int) or t < 1 for t in targets):
         raise ValueError(f"eval_steps must be positive ints, got {list(eval_steps)}")
+    if not eval_sets:
+        raise ValueError("eval_sets must name at least one held-out set")
     model.train()
     if hasattr(optimizer, "train"):
         optimizer.train()
@@ -142,7 +177,8 @@ def train_and_evaluate_at(
         loss = loss_fn(model(inputs), labels)
         if not torch.isfinite(loss):
             done = {t for t, _, _ in results}
-            return results + [(t, math.nan, math.nan) for t in targets if t not in done]
+            failed = {name: math.nan for name in eval_sets}
+            return results + [(t, math.nan, dict(failed)) for t in targets if t not in done]
         losses.append(loss.detach())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -152,11 +188,11 @@ def train_and_evaluate_at(
         tail = max(1, (step + 1) // 4)
         train_loss = float(torch.stack(losses[-tail:]).mean())
         if step + 1 == targets[-1]:
-            results.append((step + 1, train_loss, _evaluate_at_x(model, optimizer, eval_batches, loss_fn)))
+            results.append((step + 1, train_loss, _evaluate_at_x(model, optimizer, eval_sets, loss_fn)))
             break
         tensors = [*model.parameters(), *model.buffers()]
         saved = [t.detach().clone() for t in tensors]
-        results.append((step + 1, train_loss, _evaluate_at_x(model, optimizer, eval_batches, loss_fn)))
+        results.append((step + 1, train_loss, _evaluate_at_x(model, optimizer, eval_sets, loss_fn)))
         model.train()
         if hasattr(optimizer, "train"):
             optimizer.train()
