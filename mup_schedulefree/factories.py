@@ -13,6 +13,10 @@ scaled must be real numbers (a 1-element tensor lr works, as in torch.optim), an
 refuses an ``impl`` whose own muP rule (its ``mup_rule`` attribute, or a known torch/schedulefree
 class) is not the factory's. ``mu_optimizer`` takes the rule as an argument and applies it to any
 class: that is the way to override.
+
+``scale_eps=True`` (Adam rule only; default False, mup 1.0.0's groups) also scales each group's
+eps with width (:func:`mup_schedulefree.scaling.eps_scaling`), so that a base-width eps keeps its
+size relative to Adam's sqrt(v), whose entries shrink with width under muP. SGD factories refuse it.
 """
 from __future__ import annotations
 
@@ -35,7 +39,7 @@ from .optimizers import (
     SGDScheduleFreeClosure,
     SGDScheduleFreeReference,
 )
-from .scaling import check_decay_lr_power, check_rule, grouping_guard, infer_rule, mu_param_groups
+from .scaling import check_decay_lr_power, check_rule, check_scale_eps, grouping_guard, infer_rule, mu_param_groups
 from .validation import real_number
 
 InfShapes = Mapping[str, Any] | str | None
@@ -79,6 +83,16 @@ def _decay_lr_power(impl: type, decoupled_wd: bool, decay_lr_power: int | None) 
     return decay_lr_power
 
 
+def _base_eps(impl: type, kwargs: Mapping[str, Any], scale_eps: bool) -> float | None:
+    """Base-width eps to scale: None unless ``scale_eps``; else from ``kwargs``, else ``impl``'s
+    default. An ``impl`` without an eps argument raises ValueError naming ``scale_eps``."""
+    if not scale_eps:
+        return None
+    if "eps" not in kwargs and _default(impl, "eps", None) is None:
+        raise ValueError(f"Invalid scale_eps: True ({impl.__name__} has no eps argument to scale)")
+    return _base_value(impl, kwargs, "eps", None)
+
+
 def _base_value(impl: type, kwargs: Mapping[str, Any], name: str, fallback: Any) -> Any:
     """Base-width value of the scaled hyperparameter ``name``: from ``kwargs``, else ``impl``'s
     default, else ``fallback``; checked to be a real number. A missing lr raises ValueError."""
@@ -97,6 +111,7 @@ def mu_optimizer(
     decoupled_wd: bool = False,
     decay_lr_power: int | None = None,
     infshapes: InfShapes = None,
+    scale_eps: bool = False,
     **kwargs: Any,
 ) -> Optimizer:
     """Build ``impl`` on muP-scaled parameter groups.
@@ -110,22 +125,30 @@ def mu_optimizer(
             ``decay_lr_power`` attribute of ``impl`` (default 1).
         infshapes: mapping name -> InfShape or mup base-shape file, for parameters that lost
             ``infshape`` (requires named parameters).
-        **kwargs: optimizer arguments; ``lr`` and ``weight_decay`` are the base-width values.
+        scale_eps: also scale each group's eps with width (Adam rule only; see
+            :func:`mup_schedulefree.scaling.mu_param_groups`). Default False: mup 1.0.0's groups.
+        **kwargs: optimizer arguments; ``lr``, ``weight_decay`` and ``eps`` are the base-width values.
 
     Returns:
-        The optimizer, guarded against loading a state dict of a different muP grouping.
+        The optimizer, guarded against loading a state dict of a different muP grouping (or one
+        saved with a different ``scale_eps``).
 
     Raises:
-        TypeError: ``impl`` is not an optimizer class, or lr / weight_decay is not a real number.
-        ValueError: an unknown rule, a missing lr, or inconsistent decay arguments; raised before
+        TypeError: ``impl`` is not an optimizer class, lr / weight_decay / eps is not a real
+            number, or ``scale_eps`` is not a bool.
+        ValueError: an unknown rule, a missing lr, inconsistent decay arguments, or
+            ``scale_eps=True`` under the "sgd" rule or for an ``impl`` without eps; raised before
             ``params`` is read or any group is built.
     """
     _check_optimizer_class("impl", impl)
     check_rule("rule", rule)
+    check_scale_eps("scale_eps", scale_eps, rule)
     lr = _base_value(impl, kwargs, "lr", None)
     decay = {"weight_decay": _base_value(impl, kwargs, "weight_decay", 0.0)}
     power = _decay_lr_power(impl, decoupled_wd, decay_lr_power)
-    groups = mu_param_groups(params, rule, lr=float(lr), decay_keys=decay, decay_lr_power=power, infshapes=infshapes)
+    eps = _base_eps(impl, kwargs, scale_eps)
+    groups = mu_param_groups(params, rule, lr=float(lr), decay_keys=decay, decay_lr_power=power, infshapes=infshapes,
+                             scale_eps=scale_eps, eps=eps)
     optimizer = impl(groups, **kwargs)
     grouping_guard(optimizer)
     return optimizer
@@ -156,7 +179,8 @@ def _factory_for(impl: type, impl_rule: str, factory: Callable[..., Optimizer]) 
     return name if name in {candidate.__name__ for candidate in FACTORIES} else name[:len(name) - len(form)]
 
 
-def MuAdamW_ScheduleFree(params: Any, impl: type = AdamWScheduleFree, decoupled_wd: bool = False, **kwargs: Any) -> Optimizer:
+def MuAdamW_ScheduleFree(params: Any, impl: type = AdamWScheduleFree, decoupled_wd: bool = False,
+                         scale_eps: bool = False, **kwargs: Any) -> Optimizer:
     """Schedule-Free AdamW with muP scaling (Adam rule: matrix-like lr / width_mult).
 
     Example::
@@ -169,31 +193,41 @@ def MuAdamW_ScheduleFree(params: Any, impl: type = AdamWScheduleFree, decoupled_
         impl: the optimizer class (default :class:`AdamWScheduleFree`; the published
             ``schedulefree.AdamWScheduleFree`` or ``torch.optim.AdamW`` also work).
         decoupled_wd: weight decay that does not scale with lr is left unscaled.
+        scale_eps: also scale eps with width, eps * width_mult ** exponent per group (see
+            :data:`mup_schedulefree.scaling.EPS_RULE`), so that a base-width eps keeps its size
+            relative to sqrt(v). Default False: mup 1.0.0's groups, eps unscaled.
         **kwargs: ``infshapes``, ``decay_lr_power`` (see :func:`mu_optimizer`) and ``impl``'s arguments.
 
     Returns:
         The optimizer.
 
     Raises:
-        TypeError: ``impl`` is not an optimizer class, or lr / weight_decay is not a real number.
+        TypeError: ``impl`` is not an optimizer class, lr / weight_decay / eps is not a real
+            number, or ``scale_eps`` is not a bool.
         ValueError: ``impl`` follows the SGD rule (its ``mup_rule``, or a known SGD-like class):
-            use the matching factory, or :func:`mu_optimizer` with an explicit rule to override.
+            use the matching factory, or :func:`mu_optimizer` with an explicit rule to override;
+            or ``scale_eps=True`` for an ``impl`` without eps.
     """
-    return _mu_factory(MuAdamW_ScheduleFree, "adam", params, impl, decoupled_wd, kwargs)
+    return _mu_factory(MuAdamW_ScheduleFree, "adam", params, impl, decoupled_wd,
+                       dict(kwargs, scale_eps=scale_eps))
 
 
-def MuRAdam_ScheduleFree(params: Any, impl: type = RAdamScheduleFree, decoupled_wd: bool = False, **kwargs: Any) -> Optimizer:
+def MuRAdam_ScheduleFree(params: Any, impl: type = RAdamScheduleFree, decoupled_wd: bool = False,
+                         scale_eps: bool = False, **kwargs: Any) -> Optimizer:
     """Schedule-Free RAdam with muP scaling (Adam rule). Arguments as :func:`MuAdamW_ScheduleFree`.
 
     Returns:
         The optimizer.
     """
-    return _mu_factory(MuRAdam_ScheduleFree, "adam", params, impl, decoupled_wd, kwargs)
+    return _mu_factory(MuRAdam_ScheduleFree, "adam", params, impl, decoupled_wd,
+                       dict(kwargs, scale_eps=scale_eps))
 
 
-def MuSGD_ScheduleFree(params: Any, impl: type = SGDScheduleFree, decoupled_wd: bool = False, **kwargs: Any) -> Optimizer:
+def MuSGD_ScheduleFree(params: Any, impl: type = SGDScheduleFree, decoupled_wd: bool = False,
+                       **kwargs: Any) -> Optimizer:
     """Schedule-Free SGD with muP scaling (SGD rule: matrix-like lr / fan-in-fan-out ratio,
-    vector-like lr x width_mult). Arguments as :func:`MuAdamW_ScheduleFree`.
+    vector-like lr x width_mult). Arguments as :func:`MuAdamW_ScheduleFree`, except ``scale_eps``:
+    SGD has no eps, and ``scale_eps=True`` raises ValueError naming it.
 
     Returns:
         The optimizer.
@@ -202,23 +236,25 @@ def MuSGD_ScheduleFree(params: Any, impl: type = SGDScheduleFree, decoupled_wd: 
 
 
 def MuAdamW_ScheduleFreeClosure(params: Any, impl: type = AdamWScheduleFreeClosure, decoupled_wd: bool = False,
-                                **kwargs: Any) -> Optimizer:
+                                scale_eps: bool = False, **kwargs: Any) -> Optimizer:
     """Closure-form Schedule-Free AdamW with muP scaling. Arguments as :func:`MuAdamW_ScheduleFree`.
 
     Returns:
         The optimizer.
     """
-    return _mu_factory(MuAdamW_ScheduleFreeClosure, "adam", params, impl, decoupled_wd, kwargs)
+    return _mu_factory(MuAdamW_ScheduleFreeClosure, "adam", params, impl, decoupled_wd,
+                       dict(kwargs, scale_eps=scale_eps))
 
 
 def MuRAdam_ScheduleFreeClosure(params: Any, impl: type = RAdamScheduleFreeClosure, decoupled_wd: bool = False,
-                                **kwargs: Any) -> Optimizer:
+                                scale_eps: bool = False, **kwargs: Any) -> Optimizer:
     """Closure-form Schedule-Free RAdam with muP scaling. Arguments as :func:`MuAdamW_ScheduleFree`.
 
     Returns:
         The optimizer.
     """
-    return _mu_factory(MuRAdam_ScheduleFreeClosure, "adam", params, impl, decoupled_wd, kwargs)
+    return _mu_factory(MuRAdam_ScheduleFreeClosure, "adam", params, impl, decoupled_wd,
+                       dict(kwargs, scale_eps=scale_eps))
 
 
 def MuSGD_ScheduleFreeClosure(params: Any, impl: type = SGDScheduleFreeClosure, decoupled_wd: bool = False,
@@ -232,17 +268,18 @@ def MuSGD_ScheduleFreeClosure(params: Any, impl: type = SGDScheduleFreeClosure, 
 
 
 def MuAdamW_ScheduleFreeReference(params: Any, impl: type = AdamWScheduleFreeReference, decoupled_wd: bool = False,
-                                  **kwargs: Any) -> Optimizer:
+                                  scale_eps: bool = False, **kwargs: Any) -> Optimizer:
     """Reference Schedule-Free AdamW with muP scaling. Arguments as :func:`MuAdamW_ScheduleFree`.
 
     Returns:
         The optimizer.
     """
-    return _mu_factory(MuAdamW_ScheduleFreeReference, "adam", params, impl, decoupled_wd, kwargs)
+    return _mu_factory(MuAdamW_ScheduleFreeReference, "adam", params, impl, decoupled_wd,
+                       dict(kwargs, scale_eps=scale_eps))
 
 
 def MuAdamW_ScheduleFreePaper(params: Any, impl: type = AdamWScheduleFreePaper, decoupled_wd: bool = False,
-                              **kwargs: Any) -> Optimizer:
+                              scale_eps: bool = False, **kwargs: Any) -> Optimizer:
     """Schedule-Free AdamW of the paper's experiments with muP scaling (Adam rule). Arguments as
     :func:`MuAdamW_ScheduleFree`.
 
@@ -253,7 +290,8 @@ def MuAdamW_ScheduleFreePaper(params: Any, impl: type = AdamWScheduleFreePaper, 
     Returns:
         The optimizer.
     """
-    return _mu_factory(MuAdamW_ScheduleFreePaper, "adam", params, impl, decoupled_wd, kwargs)
+    return _mu_factory(MuAdamW_ScheduleFreePaper, "adam", params, impl, decoupled_wd,
+                       dict(kwargs, scale_eps=scale_eps))
 
 
 def MuSGD_ScheduleFreeReference(params: Any, impl: type = SGDScheduleFreeReference, decoupled_wd: bool = False,
@@ -275,6 +313,7 @@ def MuScheduleFreeWrapper(
     weight_lr_power: float = 2,
     r: float = 0,
     decoupled_wd: bool = False,
+    scale_eps: bool = False,
     **base_kwargs: Any,
 ) -> ScheduleFreeWrapper:
     """A muP-scaled base optimizer made schedule-free, with per-group decay at y.
@@ -296,6 +335,8 @@ def MuScheduleFreeWrapper(
         weight_lr_power: power of the max lr in the averaging weight.
         r: polynomial weighting power of the average.
         decoupled_wd: leave both decays unscaled.
+        scale_eps: also scale the base optimizer's eps with width (Adam rule only; see
+            :func:`MuAdamW_ScheduleFree`). Default False.
         **base_kwargs: ``infshapes``, ``decay_lr_power`` (see :func:`mu_optimizer`) and the base
             optimizer's arguments.
 
@@ -305,10 +346,11 @@ def MuScheduleFreeWrapper(
     Raises:
         TypeError: ``base_impl`` is not an optimizer class, or a scaled or numeric wrapper
             argument is not a real number.
-        ValueError: no rule given for a class whose rule is unknown, or an unknown rule. An
-            explicit ``rule`` overrides the one inferred from ``base_impl``.
+        ValueError: no rule given for a class whose rule is unknown, an unknown rule, or
+            ``scale_eps=True`` under the "sgd" rule or for a base without eps. An explicit
+            ``rule`` overrides the one inferred from ``base_impl``.
     """
-    return _mu_wrapper(ScheduleFreeWrapper, params, base_impl, rule, decoupled_wd, base_kwargs,
+    return _mu_wrapper(ScheduleFreeWrapper, params, base_impl, rule, decoupled_wd, scale_eps, base_kwargs,
                        weight_decay_at_y=weight_decay_at_y, momentum=momentum, weight_lr_power=weight_lr_power, r=r)
 
 
@@ -321,6 +363,7 @@ def MuScheduleFreeWrapperReference(
     r: float = 0,
     weight_lr_power: float = 2,
     decoupled_wd: bool = False,
+    scale_eps: bool = False,
     **base_kwargs: Any,
 ) -> ScheduleFreeWrapperReference:
     """:class:`ScheduleFreeWrapperReference` around a muP-scaled base optimizer.
@@ -342,6 +385,8 @@ def MuScheduleFreeWrapperReference(
         r: polynomial weighting power of the average.
         weight_lr_power: power of the max lr in the averaging weight.
         decoupled_wd: leave both decays unscaled.
+        scale_eps: also scale the base optimizer's eps with width (Adam rule only; see
+            :func:`MuAdamW_ScheduleFree`). Default False.
         **base_kwargs: ``infshapes``, ``decay_lr_power`` (see :func:`mu_optimizer`) and the base
             optimizer's arguments.
 
@@ -351,16 +396,16 @@ def MuScheduleFreeWrapperReference(
     Raises:
         TypeError, ValueError: as :func:`MuScheduleFreeWrapper`.
     """
-    return _mu_wrapper(ScheduleFreeWrapperReference, params, base_impl, rule, decoupled_wd, base_kwargs,
+    return _mu_wrapper(ScheduleFreeWrapperReference, params, base_impl, rule, decoupled_wd, scale_eps, base_kwargs,
                        momentum=momentum, weight_decay_at_y=weight_decay_at_y, r=r, weight_lr_power=weight_lr_power)
 
 
 def _mu_wrapper(wrapper_cls: type, params: Any, base_impl: type, rule: str | None, decoupled_wd: bool,
-                base_kwargs: dict[str, Any], **wrapper_kwargs: Any) -> Optimizer:
+                scale_eps: bool, base_kwargs: dict[str, Any], **wrapper_kwargs: Any) -> Optimizer:
     """``wrapper_cls(base_impl(muP groups, **base_kwargs), **wrapper_kwargs)``, every argument checked first.
 
     Both decays, the base's ``weight_decay`` and ``weight_decay_at_y``, are scaled like a decay
-    multiplied by lr (unless ``decoupled_wd``).
+    multiplied by lr (unless ``decoupled_wd``); the base's eps is scaled if ``scale_eps``.
     """
     _check_optimizer_class("base_impl", base_impl)
     rule = rule if rule is not None else infer_rule(base_impl)
@@ -368,6 +413,7 @@ def _mu_wrapper(wrapper_cls: type, params: Any, base_impl: type, rule: str | Non
         raise ValueError(f"rule is required for base_impl={base_impl.__name__}: "
                          "pass rule='adam' (entrywise-normalised updates) or rule='sgd' (raw-gradient updates)")
     check_rule("rule", rule)
+    check_scale_eps("scale_eps", scale_eps, rule)
     for name, value in wrapper_kwargs.items():
         real_number(name, value)
     infshapes = base_kwargs.pop("infshapes", None)
@@ -375,7 +421,9 @@ def _mu_wrapper(wrapper_cls: type, params: Any, base_impl: type, rule: str | Non
     lr = _base_value(base_impl, base_kwargs, "lr", None)
     decay = {"weight_decay": _base_value(base_impl, base_kwargs, "weight_decay", 0.0),
              "weight_decay_at_y": wrapper_kwargs["weight_decay_at_y"]}
-    groups = mu_param_groups(params, rule, lr=float(lr), decay_keys=decay, decay_lr_power=power, infshapes=infshapes)
+    eps = _base_eps(base_impl, base_kwargs, scale_eps)
+    groups = mu_param_groups(params, rule, lr=float(lr), decay_keys=decay, decay_lr_power=power, infshapes=infshapes,
+                             scale_eps=scale_eps, eps=eps)
     wrapper = wrapper_cls(base_impl(groups, **base_kwargs), **wrapper_kwargs)
     grouping_guard(wrapper)
     return wrapper

@@ -1,4 +1,4 @@
-"""muP's per-parameter learning-rate and weight-decay rules: the only place they live.
+"""muP's per-parameter learning-rate, weight-decay and Adam-eps rules: the only place they live.
 
 Each parameter carries an infinite-width shape (``p.infshape``, set by ``mup.set_base_shapes``)
 that says which of its dimensions grow with width. muP scales the learning rate of a parameter
@@ -23,6 +23,59 @@ by ``lr_multiplier^(-q)``:
 
 With q = 1 this reproduces mup 1.0.0's MuAdam/MuSGD exactly (same groups, same floats: scaling is
 applied by multiplying or dividing by the shape quantity, as mup does).
+
+Adam's eps (``scale_eps=True``, "adam" rule only; off by default, where the groups are mup 1.0.0's)
+is multiplied by key ** exponent (:data:`EPS_RULE`, :func:`eps_scaling`):
+
+    infinite fan-out (dim 0): matrix-like, input weights, biases, norm gains  -> eps / fan-out width_mult
+    infinite fan-in only: MuReadout weight, embeddings (vocab x width)       -> eps / width_mult
+    no infinite dimension: readout bias, scalars                              -> unchanged
+
+Why eps must scale: the entries of Adam's sqrt(v) shrink with width
+
+mup's formulation: width multiplier m = n / n_base; hidden and input weights initialised with
+variance 1/fan_in; the readout is a MuReadout, f = W_out h / m (output_mult 1), W_out
+zero-initialised (or variance 1/n); Adam lr / m on matrix-like parameters, lr on the others.
+muP makes every hidden vector h (dimension d) keep Theta(1) entries and move by Theta(1) per
+entry in the first steps, which moves the loss by Theta(1).
+
+1. The backward signal. A Theta(1), correlated change of the d entries of h moves the loss by
+   Theta(1), so sum_i (dL/dh_i) (delta h_i) = Theta(1) over d like terms: dL/dh_i = Theta(1/d).
+   At the readout this is explicit: dL/dh = W_out^T (dL/df) / m, and W_out's entries are
+   Theta(1) after its first Adam steps (its lr is not scaled), so dL/dh = Theta(1/m).
+2. The gradient entries, role by role (a sum over the batch, a fixed number of terms):
+     hidden matrix W, h_out = W h_in:    g_ij = dL/dh_out_i * h_in_j = Theta(1/m) * Theta(1)  -> m^-1
+     attention q, k, v, out projections: the same; for the query, dL/dq = (attn_mult / d_head)
+                                         sum_s (dL/dlogit_s) k_s with the 1/d_head logit scale,
+                                         Theta(1/m) as well                                   -> m^-1
+     input weights (width x d_in):       g = dL/dh * x, x Theta(1) and fixed in size          -> m^-1
+     embeddings (vocab x width):         the rows used receive dL/dh                          -> m^-1
+     biases, norm gains (width):         g = dL/dh (times the normalised input for gains)     -> m^-1
+     readout weight (d_out x width):     g = (dL/df) h / m = Theta(1) * Theta(1) / m          -> m^-1
+                                         (only through MuReadout's 1/width_mult: a readout that
+                                         put 1/n in its init and lr instead would have m^0)
+     readout bias (d_out):               g = dL/df                                            -> m^0
+   Each exponent is counted in the multiplier of the dimension the backward signal lives in:
+   the fan-out (dim 0) when it is infinite, else the infinite fan-in (MuReadout's divisor, an
+   embedding's width). When all widths grow together these equal mup's width_mult.
+3. Adam's v is an average of g^2, so sqrt(v) has the exponent of g. The update g / (sqrt(v) + eps)
+   keeps its size at every width only if eps / sqrt(v) does: eps x m^-1 wherever g is m^-1.
+   With eps fixed at its base-width value, eps / sqrt(v) grows like m; once it passes 1 the
+   update is about g / eps, which shrinks like 1/m: Adam turns into SGD with lr / eps, and muP's
+   Adam learning rates (which assume updates of fixed size) under-train wide models.
+
+Measured by ``python -m coord_checks.gradient_scales`` (slope of log2 RMS against log2 width at
+y after 6 steps of MuAdamW_ScheduleFree, lr 0.01, eps 1e-8, seeds 0 and 1; gradient, then sqrt(v)):
+
+    MLP, widths 64 .. 1024:       input -1.01 / -1.05, hidden -0.97 / -1.03, readout -0.99 / -1.04
+    Transformer, widths 32 .. 256: input (embeddings) -1.00 / -1.01, hidden (MLP) -0.98 / -1.02,
+                                   attention -0.98 / -0.98, readout -1.00 / -1.00,
+                                   vector (LayerNorm gains and biases) -1.00 / -1.00
+    A hidden matrix whose fan-in and fan-out widths vary apart (tests/test_eps_scaling.py), each
+    over 16x: gradient slope -0.99 against its fan-out, -0.06 against its fan-in.
+
+Everett et al. 2024 (arXiv 2407.05872) measure the same effect and scale eps per layer;
+Megatron-LM's muP scales eps for hidden matrix-like parameters.
 """
 from __future__ import annotations
 
@@ -38,6 +91,17 @@ from .validation import real_number
 RULES = ("adam", "sgd")
 ROLE_ORDER = {"adam": ("matrix-like", "vector-like"), "sgd": ("matrix-like", "vector-like", "fixed")}
 DECAY_LR_POWERS = (0, 1, 2)
+#: Adam's eps rule, by which of a parameter's dimensions are infinite, as (fan-out, fan-in) =
+#: (dim 0, any later dim): eps is multiplied by key ** exponent, with key the width multiplier of
+#: the named dimension ("fan-out": dim 0; "fan-in": the last infinite dimension, mup's width_mult),
+#: which keeps eps / sqrt(v) width-independent under mup's formulation (derivation and measured
+#: exponents in the module docstring).
+EPS_RULE: dict[tuple[str, str], tuple[str | None, int]] = {
+    ("inf", "inf"): ("fan-out", -1),  # matrix-like: hidden weights, attention projections
+    ("inf", "fin"): ("fan-out", -1),  # input weights; biases and norm gains (1-D: dim 0 only)
+    ("fin", "inf"): ("fan-in", -1),   # MuReadout weight (its 1/width_mult); embeddings (vocab x width)
+    ("fin", "fin"): (None, 0),        # no infinite dimension: readout bias, scalars
+}
 
 
 def check_rule(name: str, rule: Any) -> None:
@@ -101,6 +165,71 @@ class Scaling(NamedTuple):
         """
         check_decay_lr_power("decay_lr_power", decay_lr_power)
         return apply_power(weight_decay, self.key, -decay_lr_power * self.exponent)
+
+
+class EpsScaling(NamedTuple):
+    """Width scaling of one parameter's Adam eps: eps is multiplied by ``key ** exponent``.
+
+    Attributes:
+        dims: which dimensions are infinite, (fan-out, fan-in), each "inf" or "fin" (the key of
+            :data:`EPS_RULE`).
+        key: the width multiplier :data:`EPS_RULE` names for ``dims`` (1 without an infinite dimension).
+        exponent: -1, or 0 without an infinite dimension.
+    """
+
+    dims: tuple[str, str]
+    key: float
+    exponent: int
+
+    @property
+    def eps_mult(self) -> float:
+        """Multiplier on eps."""
+        return apply_power(1.0, self.key, self.exponent)
+
+    def scale_eps(self, eps: float) -> float:
+        """The width-scaled eps of this parameter for base-width eps ``eps``."""
+        return apply_power(eps, self.key, self.exponent)
+
+
+def eps_scaling(infshape: Any) -> EpsScaling:
+    """The width scaling of Adam's eps for a parameter with shape ``infshape`` (see :data:`EPS_RULE`).
+
+    Args:
+        infshape: a ``mup.InfShape`` (a sequence of dimensions with ``isinf()`` and
+            ``width_mult()``, and ``width_mult()`` itself).
+
+    Returns:
+        Which dimensions are infinite, the key and the eps exponent.
+    """
+    dims = ("inf" if len(infshape) and infshape[0].isinf() else "fin",
+            "inf" if any(dim.isinf() for dim in list(infshape)[1:]) else "fin")
+    source, exponent = EPS_RULE[dims]
+    if source == "fan-out":
+        key = infshape[0].width_mult()
+    elif source == "fan-in":
+        key = infshape.width_mult()
+    else:
+        key = 1.0
+    return EpsScaling(dims, float(key), exponent)
+
+
+def check_scale_eps(name: str, scale_eps: Any, rule: str) -> None:
+    """Raise unless ``scale_eps`` is a bool, and False under the "sgd" rule (SGD has no eps).
+
+    Args:
+        name: argument name shown in the message (e.g. ``"scale_eps"``).
+        scale_eps: the value supplied by the user.
+        rule: the muP rule it would apply under.
+
+    Raises:
+        TypeError: ``scale_eps`` is not a bool.
+        ValueError: ``scale_eps`` is True under the "sgd" rule.
+    """
+    if not isinstance(scale_eps, bool):
+        raise TypeError(f"Invalid {name}: {scale_eps!r} (must be True or False, got {type(scale_eps).__name__})")
+    if scale_eps and rule == "sgd":
+        raise ValueError(f"Invalid {name}: True (the 'sgd' rule's updates have no eps to scale; "
+                         "only Adam-rule optimizers take scale_eps=True)")
 
 
 def parameter_scaling(infshape: Any, rule: str, name: str = "parameter") -> Scaling:
@@ -208,13 +337,17 @@ def mu_param_groups(
     decay_keys: Mapping[str, float],
     decay_lr_power: int = 1,
     infshapes: Mapping[str, Any] | str | None = None,
+    scale_eps: bool = False,
+    eps: float | None = None,
 ) -> list[dict[str, Any]]:
-    """Split every parameter group by muP role and scale its lr and weight decay.
+    """Split every parameter group by muP role and scale its lr and weight decay (and eps, if asked).
 
     Each incoming group (with the user's own keys kept, e.g. ``weight_decay=0`` for norms) is split
     into sub-groups of equal scaling, ordered by role (matrix-like, vector-like, fixed) and then by
-    first appearance. Every sub-group records ``mup_rule``, ``mup_role``, ``mup_lr_mult`` and
-    ``mup_wd_mult``; parameters given with names keep them (torch stores ``param_names``).
+    first appearance. Every sub-group records ``mup_rule``, ``mup_role``, ``mup_lr_mult``,
+    ``mup_wd_mult`` and ``mup_eps_mult`` (None unless ``scale_eps``); parameters given with names
+    keep them (torch stores ``param_names``). With ``scale_eps`` the vector-like groups are also
+    split by their eps multiplier.
 
     Args:
         params: parameters, (name, parameter) pairs (e.g. ``model.named_parameters()``), or group
@@ -226,74 +359,108 @@ def mu_param_groups(
         decay_lr_power: how the optimizer couples decay to lr (see :meth:`Scaling.scale_weight_decay`).
         infshapes: a mapping name -> InfShape or a mup base-shape file, used instead of
             ``p.infshape`` (requires named parameters).
+        scale_eps: multiply each group's eps by ``width_mult ** exponent`` (:func:`eps_scaling`),
+            so that eps keeps its size relative to sqrt(v) at every width. Default False: eps is
+            left alone, as mup 1.0.0 does. Only under the "adam" rule.
+        eps: base-width eps for groups that set none; required with ``scale_eps``.
 
     Returns:
         The new group dicts, ready for an optimizer constructor.
 
     Raises:
-        TypeError: a non-number lr or decay (argument or group entry), or params of the wrong kind.
-        ValueError: an unknown rule or decay_lr_power, no parameters, or a parameter without an
-            infshape. Every argument is checked before any group is built.
+        TypeError: a non-number lr, decay or eps (argument or group entry), a non-bool
+            ``scale_eps``, or params of the wrong kind.
+        ValueError: an unknown rule or decay_lr_power, ``scale_eps`` under the "sgd" rule or
+            without an eps, no parameters, or a parameter without an infshape. Every argument is
+            checked before any group is built.
     """
     check_rule("rule", rule)
     real_number("lr", lr)
     for key, default in decay_keys.items():
         real_number(key, default)
     check_decay_lr_power("decay_lr_power", decay_lr_power)
+    check_scale_eps("scale_eps", scale_eps, rule)
+    if scale_eps:
+        if eps is None:
+            raise ValueError("Invalid eps: None (scale_eps=True needs the base-width eps)")
+        real_number("eps", eps)
     shapes = resolve_infshapes(infshapes)
     groups = _normalise(params)
     for number, group in enumerate(groups):
-        for key in ("lr", *decay_keys):
+        for key in ("lr", *decay_keys, *(("eps",) if scale_eps else ())):
             if key in group:
                 real_number(f"{key} of params group {number}", group[key])
     new_groups: list[dict[str, Any]] = []
     index = 0
     for group in groups:
-        buckets: dict[tuple[str, float], dict[str, Any]] = {}
+        buckets: dict[tuple[str, float, float | None], dict[str, Any]] = {}
         for name, p in group["params"]:
-            scaling = parameter_scaling(_infshape(p, name, index, shapes), rule, _name_of(index, name, p))
+            infshape = _infshape(p, name, index, shapes)
+            scaling = parameter_scaling(infshape, rule, _name_of(index, name, p))
+            eps_rule = eps_scaling(infshape) if scale_eps else None
+            eps_mult = None if eps_rule is None else eps_rule.eps_mult
             index += 1
-            bucket = buckets.get((scaling.role, scaling.key))
+            bucket = buckets.get((scaling.role, scaling.key, eps_mult))
             if bucket is None:
                 bucket = {key: value for key, value in group.items() if key != "params"}
                 bucket["lr"] = scaling.scale_lr(group.get("lr", lr))
                 for key, default in decay_keys.items():
                     bucket[key] = scaling.scale_weight_decay(group.get(key, default), decay_lr_power)
+                if eps_rule is not None:
+                    bucket["eps"] = eps_rule.scale_eps(group.get("eps", eps))
                 bucket.update(mup_rule=rule, mup_role=scaling.role, mup_lr_mult=scaling.lr_mult,
-                              mup_wd_mult=scaling.scale_weight_decay(1.0, decay_lr_power), params=[])
-                buckets[(scaling.role, scaling.key)] = bucket
+                              mup_wd_mult=scaling.scale_weight_decay(1.0, decay_lr_power), mup_eps_mult=eps_mult,
+                              params=[])
+                buckets[(scaling.role, scaling.key, eps_mult)] = bucket
             bucket["params"].append(p if name is None else (name, p))
         order = ROLE_ORDER[rule]
         new_groups.extend(sorted(buckets.values(), key=lambda g: order.index(g["mup_role"])))
     return new_groups
 
 
-GROUP_SIGNATURE = ("mup_rule", "mup_role", "mup_lr_mult", "mup_wd_mult")
+GROUP_SIGNATURE = ("mup_rule", "mup_role", "mup_lr_mult", "mup_wd_mult", "mup_eps_mult")
+#: Signature keys a state dict saved before they existed lacks, with the value that meant then.
+SIGNATURE_DEFAULTS = {"mup_eps_mult": None}
+
+
+def _eps_scaled(groups: Sequence[dict[str, Any]]) -> bool:
+    return any(group.get("mup_eps_mult") is not None for group in groups)
 
 
 def check_same_grouping(saved_groups: Sequence[dict[str, Any]], groups: Sequence[dict[str, Any]]) -> None:
     """Raise ValueError unless saved muP groups line up with the current ones.
 
-    Compares, group by group, the muP signature, the parameter count and (when both sides have
-    them) the parameter names, so that optimizer state is never attached to the wrong parameter.
+    Compares whether eps was width-scaled (``scale_eps``), then, group by group, the muP
+    signature, the parameter count and (when both sides have them) the parameter names, so that
+    optimizer state is never attached to the wrong parameter. A state dict saved before groups
+    recorded ``mup_eps_mult`` counts as saved without ``scale_eps``.
 
     Args:
         saved_groups: ``state_dict()["param_groups"]`` of the saved optimizer.
         groups: the current optimizer's ``param_groups``.
+
+    Raises:
+        ValueError: naming the first difference.
     """
+    if _eps_scaled(saved_groups) != _eps_scaled(groups):
+        raise ValueError(
+            f"state_dict was saved with scale_eps={_eps_scaled(saved_groups)} but this muP optimizer has "
+            f"scale_eps={_eps_scaled(groups)}: build it with the same scale_eps to load it"
+        )
     if len(saved_groups) != len(groups):
         raise ValueError(
             f"state_dict has {len(saved_groups)} parameter groups but this muP optimizer has {len(groups)}: "
             "it was saved from an optimizer with a different muP grouping"
         )
     for index, (saved, current) in enumerate(zip(saved_groups, groups)):
-        if any(key not in saved for key in GROUP_SIGNATURE):
+        if any(key not in saved and key not in SIGNATURE_DEFAULTS for key in GROUP_SIGNATURE):
             raise ValueError(f"state_dict group {index} has no muP signature: it was not saved by a muP factory")
         for key in GROUP_SIGNATURE:
-            if saved[key] != current[key]:
+            was, now = (group.get(key, SIGNATURE_DEFAULTS.get(key)) for group in (saved, current))
+            if was != now:
                 raise ValueError(
-                    f"state_dict group {index} has {key}={saved[key]!r} but this optimizer's group {index} has "
-                    f"{current[key]!r}: the muP grouping differs, so state would attach to the wrong parameters"
+                    f"state_dict group {index} has {key}={was!r} but this optimizer's group {index} has "
+                    f"{now!r}: the muP grouping differs, so state would attach to the wrong parameters"
                 )
         if len(saved["params"]) != len(current["params"]):
             raise ValueError(
@@ -373,7 +540,11 @@ def infer_rule(optimizer_class: type) -> str | None:
 
 __all__ = [
     "RULES",
+    "EPS_RULE",
     "Scaling",
+    "EpsScaling",
+    "eps_scaling",
+    "check_scale_eps",
     "check_rule",
     "check_decay_lr_power",
     "parameter_scaling",
