@@ -15,7 +15,9 @@ which, written on y and z only (x never stored), is
     z_new  = z - lr * u.
 
 direction(g) is g for SGD, and g / (sqrt(v / bias_correction2) + eps) for Adam, with the second
-moment v = beta2 v + (1 - beta2) g^2 updated first.
+moment v = beta2 v + (1 - beta2) g^2 updated first. Adam with inner momentum uses the bias-corrected
+EMA of the gradient, m = inner_momentum m + (1 - inner_momentum) g, in place of g:
+(m / bias_correction1) / (sqrt(v / bias_correction2) + eps).
 
 ``wrapper_enter_``/``wrapper_exit_`` are the passes ScheduleFreeWrapper runs around its base
 optimizer's step (see optimizers/wrapper.py for their math).
@@ -212,20 +214,46 @@ def adopt_written_(params: Tensors, masters: Tensors) -> None:
             master.copy_(p)
 
 
+def _second_moment_root(grads: Tensors, exp_avg_sqs: Tensors, beta2: float, eps: float, bias_correction2: float,
+                        adaptive: bool) -> Tensors | None:
+    """Update the second moments v; return new tensors sqrt(v / bc2) + eps (None if not adaptive)."""
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+    if not adaptive:
+        return None
+    denom = torch._foreach_div(exp_avg_sqs, bias_correction2)
+    torch._foreach_sqrt_(denom)
+    torch._foreach_add_(denom, eps)
+    return denom
+
+
 def _direction_adam(
     grads: Tensors, exp_avg_sqs: Tensors, beta2: float, eps: float, bias_correction2: float, adaptive: bool
 ) -> Tensors:
     """Update the second moments and return g / (sqrt(v / bc2) + eps) (or g itself if not adaptive)."""
-    torch._foreach_mul_(exp_avg_sqs, beta2)
-    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
-    if not adaptive:
+    denom = _second_moment_root(grads, exp_avg_sqs, beta2, eps, bias_correction2, adaptive)
+    if denom is None:
         return grads
-    denom = torch._foreach_div(exp_avg_sqs, bias_correction2)
-    torch._foreach_sqrt_(denom)
-    torch._foreach_add_(denom, eps)
     if len(denom) == 1:  # one tensor at a time: reuse the buffer instead of allocating another
         return [torch.div(grads[0], denom[0], out=denom[0])]
     return torch._foreach_div(grads, denom)
+
+
+def _direction_adam_inner(grads: Tensors, exp_avg_sqs: Tensors, exp_avgs: Tensors, beta2: float, eps: float,
+                          bias_correction2: float, adaptive: bool, inner_momentum: float,
+                          bias_correction1: float) -> Tensors:
+    """Update both moments and return (m / bc1) / (sqrt(v / bc2) + eps) (or m / bc1 if not adaptive).
+
+    m = inner_momentum m + (1 - inner_momentum) g is the EMA of the gradients; the result is a new
+    list, never the gradients or the moments.
+    """
+    denom = _second_moment_root(grads, exp_avg_sqs, beta2, eps, bias_correction2, adaptive)
+    torch._foreach_mul_(exp_avgs, inner_momentum)
+    torch._foreach_add_(exp_avgs, grads, alpha=1.0 - inner_momentum)
+    direction = torch._foreach_div(exp_avgs, bias_correction1)
+    if denom is not None:
+        torch._foreach_div_(direction, denom)
+    return direction
 
 
 def _with_decay(direction: Tensors, grads: Tensors, ys: Tensors, weight_decay: float) -> Tensors:
@@ -252,9 +280,13 @@ def _closure_update(xs: Tensors, zs: Tensors, us: Tensors, lr: float, beta: floa
     torch._foreach_lerp_(xs, zs, ckp1)
 
 
-def _eager_adam(ys, grads, zs, exp_avg_sqs, *, lr, beta1, beta2, eps, weight_decay, ckp1, bias_correction2,
-                adaptive, closure_form) -> None:
-    us = _direction_adam(grads, exp_avg_sqs, beta2, eps, bias_correction2, bool(adaptive))
+def _eager_adam(ys, grads, zs, exp_avg_sqs, exp_avgs=None, *, lr, beta1, beta2, eps, weight_decay, ckp1,
+                bias_correction2, adaptive, closure_form, inner_momentum=0.0, bias_correction1=1.0) -> None:
+    if exp_avgs is None:
+        us = _direction_adam(grads, exp_avg_sqs, beta2, eps, bias_correction2, bool(adaptive))
+    else:
+        us = _direction_adam_inner(grads, exp_avg_sqs, exp_avgs, beta2, eps, bias_correction2, bool(adaptive),
+                                   inner_momentum, bias_correction1)
     us = _with_decay(us, grads, ys, weight_decay)
     update = _closure_update if closure_form else _primal_update
     update(ys, zs, us, lr, beta1, ckp1)
@@ -271,6 +303,7 @@ def adam_step_(
     grads: Tensors,
     zs: Tensors,
     exp_avg_sqs: Tensors,
+    exp_avgs: Tensors | None = None,
     *,
     lr: float,
     beta1: float,
@@ -280,6 +313,8 @@ def adam_step_(
     ckp1: float,
     bias_correction2: float,
     adaptive: bool = True,
+    inner_momentum: float = 0.0,
+    bias_correction1: float = 1.0,
     closure_form: bool = False,
     foreach: bool | None = False,
     fused: bool | None = False,
@@ -293,6 +328,8 @@ def adam_step_(
         grads: gradients at ``ys``; read only.
         zs: base iterates, updated in place.
         exp_avg_sqs: second moments, updated in place.
+        exp_avgs: first moments (the EMA of the gradients), updated in place, for AdamW with inner
+            momentum; None (the default) for none.
         lr: scheduled learning rate of this step.
         beta1: interpolation between z and x that defines y.
         beta2: second-moment decay.
@@ -301,6 +338,8 @@ def adam_step_(
         ckp1: averaging weight of the new z into x.
         bias_correction2: 1 - beta2^(k+1).
         adaptive: divide by the second-moment root (False during RAdam's early steps).
+        inner_momentum: decay of the EMA in ``exp_avgs`` (which must be given when it is not 0).
+        bias_correction1: 1 - inner_momentum^(k+1), used with ``exp_avgs``.
         closure_form: tensors in ``ys`` hold y on entry and must hold x on exit.
         foreach: use list-wide ``_foreach`` operations instead of a per-tensor loop on the eager
             path (None: for tensors off the CPU; see :func:`route`).
@@ -312,8 +351,16 @@ def adam_step_(
     """
     scalars = dict(lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, ckp1=ckp1,
                    bias_correction2=bias_correction2, adaptive=adaptive, closure_form=closure_form)
-    native_name = "adam_sf_closure_step_" if closure_form else "adam_sf_step_"
-    _dispatch(native_name, _eager_adam, [ys, grads, zs, exp_avg_sqs], scalars, foreach, fused,
+    lists = [ys, grads, zs, exp_avg_sqs]
+    inner = ""
+    if exp_avgs is not None:
+        lists.append(exp_avgs)
+        scalars.update(inner_momentum=inner_momentum, bias_correction1=bias_correction1)
+        inner = "inner_"
+    elif inner_momentum != 0.0:
+        raise ValueError(f"Invalid inner_momentum: {inner_momentum!r} (needs exp_avgs to keep its moving average)")
+    native_name = f"adam_sf_{inner}closure_step_" if closure_form else f"adam_sf_{inner}step_"
+    _dispatch(native_name, _eager_adam, lists, scalars, foreach, fused,
               native_scalars={k: v for k, v in scalars.items() if k != "closure_form"}, masters=masters,
               prepared=prepared)
 

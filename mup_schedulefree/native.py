@@ -118,6 +118,7 @@ class Op(NamedTuple):
 _R, _W = False, True
 _ADAM_SCALARS = tuple((name, ctypes.c_double) for name in (
     "lr", "beta1", "beta2", "eps", "weight_decay", "ckp1", "bias_correction2")) + (("adaptive", ctypes.c_int),)
+_ADAM_INNER_SCALARS = _ADAM_SCALARS + (("inner_momentum", ctypes.c_double), ("bias_correction1", ctypes.c_double))
 _SGD_SCALARS = tuple((name, ctypes.c_double) for name in ("lr", "momentum", "weight_decay", "ckp1"))
 _LOW = (TensorArg("params", _W, "low"), TensorArg("grads", _R, "low"), TensorArg("masters", _W))
 OPS: dict[str, Op] = {
@@ -126,6 +127,14 @@ OPS: dict[str, Op] = {
     "adam_sf_closure_step_": Op("sf_adam_closure_step_f32", (TensorArg("xs", _W), TensorArg("grads", _R),
                                                              TensorArg("zs", _W), TensorArg("exp_avg_sqs", _W)),
                                 _ADAM_SCALARS),
+    "adam_sf_inner_step_": Op("sf_adam_inner_step_f32", (TensorArg("ys", _W), TensorArg("grads", _R),
+                                                         TensorArg("zs", _W), TensorArg("exp_avg_sqs", _W),
+                                                         TensorArg("exp_avgs", _W)), _ADAM_INNER_SCALARS),
+    "adam_sf_inner_closure_step_": Op("sf_adam_inner_closure_step_f32", (TensorArg("xs", _W), TensorArg("grads", _R),
+                                                                         TensorArg("zs", _W),
+                                                                         TensorArg("exp_avg_sqs", _W),
+                                                                         TensorArg("exp_avgs", _W)),
+                                      _ADAM_INNER_SCALARS),
     "sgd_sf_step_": Op("sf_sgd_step_f32", (TensorArg("ys", _W), TensorArg("grads", _R), TensorArg("zs", _W)),
                        _SGD_SCALARS),
     "sgd_sf_closure_step_": Op("sf_sgd_closure_step_f32", (TensorArg("xs", _W), TensorArg("grads", _R),
@@ -139,6 +148,11 @@ OPS: dict[str, Op] = {
                            _ADAM_SCALARS),
     "adam_sf_closure_step_lp_": Op("sf_adam_closure_step_lp", _LOW + (TensorArg("zs", _W),
                                                                       TensorArg("exp_avg_sqs", _W)), _ADAM_SCALARS),
+    "adam_sf_inner_step_lp_": Op("sf_adam_inner_step_lp", _LOW + (TensorArg("zs", _W), TensorArg("exp_avg_sqs", _W),
+                                                                  TensorArg("exp_avgs", _W)), _ADAM_INNER_SCALARS),
+    "adam_sf_inner_closure_step_lp_": Op("sf_adam_inner_closure_step_lp",
+                                         _LOW + (TensorArg("zs", _W), TensorArg("exp_avg_sqs", _W),
+                                                 TensorArg("exp_avgs", _W)), _ADAM_INNER_SCALARS),
     "sgd_sf_step_lp_": Op("sf_sgd_step_lp", _LOW + (TensorArg("zs", _W),), _SGD_SCALARS),
     "sgd_sf_closure_step_lp_": Op("sf_sgd_closure_step_lp", _LOW + (TensorArg("zs", _W),), _SGD_SCALARS),
     "lerp_lp_": Op("sf_lerp_lp", (TensorArg("params", _W, "low"), TensorArg("masters", _W), TensorArg("ends", _R)),
@@ -632,6 +646,95 @@ def adam_sf_closure_step_(
         weight_decay=weight_decay, ckp1=ckp1, bias_correction2=bias_correction2, adaptive=int(bool(adaptive)))
 
 
+def adam_sf_inner_step_(
+    ys: Tensors,
+    grads: Tensors,
+    zs: Tensors,
+    exp_avg_sqs: Tensors,
+    exp_avgs: Tensors,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    ckp1: float,
+    bias_correction2: float,
+    adaptive: bool = True,
+    inner_momentum: float,
+    bias_correction1: float,
+) -> None:
+    """``adam_sf_step_`` with inner momentum: the direction's numerator is the bias-corrected EMA of g.
+
+    m = inner_momentum m + (1 - inner_momentum) g;  u = (m / bias_correction1) / (sqrt(v / bias_correction2)
+    + eps) + weight_decay y (without the root when not adaptive); y and z then move as in ``adam_sf_step_``.
+
+    Args:
+        ys: parameters holding y; updated.
+        grads: gradients at y; read only.
+        zs: base iterates; updated.
+        exp_avg_sqs: second moments v; updated.
+        exp_avgs: first moments m (the EMA of g); updated.
+        lr: learning rate of this step.
+        beta1: interpolation between z and x that defines y.
+        beta2: second-moment decay.
+        eps: added to the root of the bias-corrected second moment.
+        weight_decay: decay coefficient, applied at y.
+        ckp1: averaging weight of the new z into x.
+        bias_correction2: 1 - beta2^(k+1).
+        adaptive: divide by the second-moment root.
+        inner_momentum: decay of the EMA of g, in (0, 1).
+        bias_correction1: 1 - inner_momentum^(k+1).
+    """
+    run("adam_sf_inner_step_", (ys, grads, zs, exp_avg_sqs, exp_avgs), lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+        weight_decay=weight_decay, ckp1=ckp1, bias_correction2=bias_correction2, adaptive=int(bool(adaptive)),
+        inner_momentum=inner_momentum, bias_correction1=bias_correction1)
+
+
+def adam_sf_inner_closure_step_(
+    xs: Tensors,
+    grads: Tensors,
+    zs: Tensors,
+    exp_avg_sqs: Tensors,
+    exp_avgs: Tensors,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    ckp1: float,
+    bias_correction2: float,
+    adaptive: bool = True,
+    inner_momentum: float,
+    bias_correction1: float,
+) -> None:
+    """``adam_sf_inner_step_`` in closure form: the parameters hold y on entry and x on exit.
+
+    u as in ``adam_sf_inner_step_``; x and z then move as in ``adam_sf_closure_step_``.
+
+    Args:
+        xs: parameters holding y (formed before the closure); hold x on return.
+        grads: gradients at y; read only.
+        zs: base iterates; updated.
+        exp_avg_sqs: second moments v; updated.
+        exp_avgs: first moments m (the EMA of g); updated.
+        lr: learning rate of this step.
+        beta1: interpolation between z and x that defined y.
+        beta2: second-moment decay.
+        eps: added to the root of the bias-corrected second moment.
+        weight_decay: decay coefficient, applied at y.
+        ckp1: averaging weight of the new z into x.
+        bias_correction2: 1 - beta2^(k+1).
+        adaptive: divide by the second-moment root.
+        inner_momentum: decay of the EMA of g, in (0, 1).
+        bias_correction1: 1 - inner_momentum^(k+1).
+    """
+    run("adam_sf_inner_closure_step_", (xs, grads, zs, exp_avg_sqs, exp_avgs), lr=lr, beta1=beta1, beta2=beta2,
+        eps=eps, weight_decay=weight_decay, ckp1=ckp1, bias_correction2=bias_correction2,
+        adaptive=int(bool(adaptive)), inner_momentum=inner_momentum, bias_correction1=bias_correction1)
+
+
 def sgd_sf_step_(
     ys: Tensors, grads: Tensors, zs: Tensors, *, lr: float, momentum: float, weight_decay: float, ckp1: float
 ) -> None:
@@ -739,6 +842,39 @@ def adam_sf_step_lp_(params: Tensors, grads: Tensors, masters: Tensors, zs: Tens
     run("adam_sf_closure_step_lp_" if closure_form else "adam_sf_step_lp_", (params, grads, masters, zs, exp_avg_sqs),
         lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, ckp1=ckp1,
         bias_correction2=bias_correction2, adaptive=int(bool(adaptive)))
+
+
+def adam_sf_inner_step_lp_(params: Tensors, grads: Tensors, masters: Tensors, zs: Tensors, exp_avg_sqs: Tensors,
+                           exp_avgs: Tensors, *, lr: float, beta1: float, beta2: float, eps: float,
+                           weight_decay: float, ckp1: float, bias_correction2: float, adaptive: bool = True,
+                           inner_momentum: float, bias_correction1: float, closure_form: bool = False) -> None:
+    """``adam_sf_inner_step_`` (or its closure form) for bfloat16/float16 parameters with float32 masters, in one pass.
+
+    Masters and parameters are handled as in :func:`adam_sf_step_lp_`.
+
+    Args:
+        params: bfloat16 or float16 parameters; hold the rounded new master on return.
+        grads: their gradients, of the same dtype; read only.
+        masters: float32 master copies of the parameters; updated.
+        zs: float32 base iterates; updated.
+        exp_avg_sqs: float32 second moments; updated.
+        exp_avgs: float32 first moments (the EMA of g); updated.
+        lr: learning rate of this step.
+        beta1: interpolation between z and x that defines y.
+        beta2: second-moment decay.
+        eps: added to the root of the bias-corrected second moment.
+        weight_decay: decay coefficient, applied at y.
+        ckp1: averaging weight of the new z into x.
+        bias_correction2: 1 - beta2^(k+1).
+        adaptive: divide by the second-moment root.
+        inner_momentum: decay of the EMA of g, in (0, 1).
+        bias_correction1: 1 - inner_momentum^(k+1).
+        closure_form: the masters hold y on entry and x on exit.
+    """
+    run("adam_sf_inner_closure_step_lp_" if closure_form else "adam_sf_inner_step_lp_",
+        (params, grads, masters, zs, exp_avg_sqs, exp_avgs), lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+        weight_decay=weight_decay, ckp1=ckp1, bias_correction2=bias_correction2, adaptive=int(bool(adaptive)),
+        inner_momentum=inner_momentum, bias_correction1=bias_correction1)
 
 
 def sgd_sf_step_lp_(params: Tensors, grads: Tensors, masters: Tensors, zs: Tensors, *, lr: float, momentum: float,

@@ -33,6 +33,9 @@ NEW_GROUP_WRONG_MODE = "new_group_wrong_mode"  # add_param_group after train() l
 WRONG_EVAL_ERROR = "wrong_eval_error"        # step() in eval mode raises a bare Exception
 ACCEPTS_INVALID = "accepts_invalid"          # negative lr accepted silently
 
+# Arguments upstream added after the 1.4.1 release: a config using one has no 1.4.1 counterpart.
+NEWER_THAN_PUBLISHED = frozenset({"inner_momentum"})
+
 KERNEL_FLAGS = frozenset({"foreach", "fused"})  # which kernels compute the step
 ALL_FLAGS = KERNEL_FLAGS | {"master_weights"}   # ... and float32 master copies of low-precision parameters
 
@@ -97,6 +100,11 @@ class OptimInfo:
         """Build the optimizer from ``config`` plus ``extra`` kwargs."""
         return self.factory(params, **config, **extra)
 
+    @property
+    def published_configs(self) -> tuple[dict[str, Any], ...]:
+        """The configs the published 1.4.1 counterpart takes (none of :data:`NEWER_THAN_PUBLISHED`)."""
+        return tuple(config for config in self.configs if not NEWER_THAN_PUBLISHED & config.keys())
+
     def make_published(self, params: Iterable[Any], config: dict[str, Any], *, ready: bool = True) -> Any:
         """Build the published counterpart; ``ready``: call its ``train()`` (it starts in eval mode)."""
         opt = self.published_factory(params, **config)
@@ -152,6 +160,9 @@ _ADAMW_CONFIGS = (
     dict(lr=0.01, betas=(0.9, 0.999), weight_decay=0.01, warmup_steps=5, r=1.0),
     dict(lr=0.03, betas=(0.8, 0.99), eps=1e-6, weight_lr_power=0.0),
 )
+# AdamW's inner momentum (upstream HEAD, not 1.4.1): only the forms that take it list this config.
+_INNER_MOMENTUM_CONFIG = dict(lr=0.01, betas=(0.9, 0.999), weight_decay=0.01, warmup_steps=5, r=1.0,
+                              inner_momentum=0.9)
 _RADAM_CONFIGS = (
     dict(lr=0.01, betas=(0.9, 0.999), weight_decay=0.01, r=1.0),
     dict(lr=0.03, betas=(0.8, 0.99), silent_sgd_phase=False, weight_lr_power=0.0),
@@ -202,6 +213,12 @@ _FLAG_ERRORS = (
     ErrorInput(dict(master_weights=None), "master_weights", None, error=TypeError),
 )
 _ADAMW_ERRORS = _COMMON_ERRORS + _BETAS_ERRORS + _WARMUP_ERRORS
+_INNER_MOMENTUM_ERRORS = (
+    ErrorInput(dict(inner_momentum=1.0), "inner_momentum", 1.0),
+    ErrorInput(dict(inner_momentum=-0.1), "inner_momentum", -0.1),
+    ErrorInput(dict(inner_momentum="0.9"), "inner_momentum", "0.9", error=TypeError),
+    ErrorInput(dict(inner_momentum=None), "inner_momentum", None, error=TypeError),
+)
 _RADAM_ERRORS = _COMMON_ERRORS + _BETAS_ERRORS + (
     ErrorInput(dict(silent_sgd_phase="no"), "silent_sgd_phase", "no", error=TypeError),)
 _SGD_ERRORS = _COMMON_ERRORS + _MOMENTUM_ERRORS + _WARMUP_ERRORS
@@ -224,7 +241,8 @@ _WRAPPER_TRAPS = frozenset({STARTS_IN_EVAL, MODE_NOT_SAVED, WRONG_EVAL_ERROR})
 _WRAPPER_REFERENCE_TRAPS = _WRAPPER_TRAPS | {TOUCHES_GRADLESS, DRIFTS_WHEN_FROZEN}
 
 INFOS: tuple[OptimInfo, ...] = (
-    OptimInfo("AdamWScheduleFree", ours.AdamWScheduleFree, _ADAMW_CONFIGS, error_inputs=_ADAMW_ERRORS + _FLAG_ERRORS,
+    OptimInfo("AdamWScheduleFree", ours.AdamWScheduleFree, _ADAMW_CONFIGS + (_INNER_MOMENTUM_CONFIG,),
+              error_inputs=_ADAMW_ERRORS + _INNER_MOMENTUM_ERRORS + _FLAG_ERRORS,
               published_factory=published.AdamWScheduleFree,
               published_traps=_PRIMAL_TRAPS | {ACCEPTS_INVALID}),
     OptimInfo("AdamWScheduleFreePaper", ours.AdamWScheduleFreePaper, _ADAMW_CONFIGS,
@@ -238,8 +256,8 @@ INFOS: tuple[OptimInfo, ...] = (
               error_inputs=_SGD_ERRORS + _FLAG_ERRORS,
               published_factory=published.SGDScheduleFree,
               published_traps=_PRIMAL_TRAPS),
-    OptimInfo("AdamWScheduleFreeClosure", ours.AdamWScheduleFreeClosure, _ADAMW_CONFIGS, closure_form=True,
-              has_modes=False, error_inputs=_ADAMW_ERRORS + _FLAG_ERRORS,
+    OptimInfo("AdamWScheduleFreeClosure", ours.AdamWScheduleFreeClosure, _ADAMW_CONFIGS + (_INNER_MOMENTUM_CONFIG,),
+              closure_form=True, has_modes=False, error_inputs=_ADAMW_ERRORS + _INNER_MOMENTUM_ERRORS + _FLAG_ERRORS,
               published_factory=published.AdamWScheduleFreeClosure,
               published_traps=_CLOSURE_TRAPS | {ACCEPTS_INVALID}),
     OptimInfo("RAdamScheduleFreeClosure", ours.RAdamScheduleFreeClosure, _RADAM_CONFIGS, closure_form=True,
@@ -250,8 +268,9 @@ INFOS: tuple[OptimInfo, ...] = (
               has_modes=False, beta_key="momentum", error_inputs=_SGD_ERRORS + _FLAG_ERRORS,
               published_factory=published.SGDScheduleFreeClosure, published_traps=_CLOSURE_TRAPS),
     OptimInfo("AdamWScheduleFreeReference", ours.AdamWScheduleFreeReference,
-              _ADAMW_CONFIGS + (dict(lr=0.01, weight_decay=0.05, warmup_steps=3, decay_at_z=True),),
-              flags=frozenset(), error_inputs=_ADAMW_ERRORS,
+              _ADAMW_CONFIGS + (dict(lr=0.01, weight_decay=0.05, warmup_steps=3, decay_at_z=True),
+                                _INNER_MOMENTUM_CONFIG),
+              flags=frozenset(), error_inputs=_ADAMW_ERRORS + _INNER_MOMENTUM_ERRORS,
               published_factory=published.AdamWScheduleFreeReference,
               published_traps=frozenset({STARTS_IN_EVAL, NEW_GROUP_WRONG_MODE, WRONG_EVAL_ERROR,
                                          ACCEPTS_INVALID})),

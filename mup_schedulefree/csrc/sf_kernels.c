@@ -134,6 +134,7 @@ static inline int64_t sf_plan_tensor(const sf_plan_t *p, int64_t c)
 typedef struct {
     float beta2, one_minus_beta2, bias_correction2, eps; /* Adam direction */
     int adaptive;
+    float inner, one_minus_inner, bias_correction1; /* Adam's inner momentum (EMA of g), when it has one */
     float weight_decay;
     int decay;         /* weight_decay != 0: eager code skips the add otherwise */
     float neg_lr;      /* z <- z - lr u, as torch's sub_(alpha=lr) */
@@ -157,6 +158,18 @@ static sf_scalars_t sf_scalars_make(double lr, double beta, double beta2, double
     s.y_coef = (float)(lr * (beta * (1.0 - ckp1) - 1.0));
     s.to_z = sf_lerp_make(ckp1);
     s.to_x = sf_lerp_make(1.0 - 1.0 / beta);
+    s.inner = 0.0f;
+    s.one_minus_inner = 1.0f;
+    s.bias_correction1 = 1.0f;
+    return s;
+}
+
+/* The scalars of an Adam step with inner momentum: those of sf_scalars_make plus the EMA's. */
+static sf_scalars_t sf_scalars_inner(sf_scalars_t s, double inner_momentum, double bias_correction1)
+{
+    s.inner = (float)inner_momentum;
+    s.one_minus_inner = (float)(1.0 - inner_momentum);
+    s.bias_correction1 = (float)bias_correction1;
     return s;
 }
 
@@ -166,6 +179,19 @@ static inline float sf_adam_direction(float gi, float yi, float *vi, const sf_sc
     float v = SF_FMA(s->one_minus_beta2 * gi, gi, s->beta2 * *vi);
     *vi = v;
     float u = s->adaptive ? gi / (sqrtf(v / s->bias_correction2) + s->eps) : gi;
+    return s->decay ? SF_FMA(yi, s->weight_decay, u) : u;
+}
+
+/* As sf_adam_direction with g replaced by the bias-corrected EMA of g: m <- inner m + (1 - inner) g
+ * (torch's m.mul_(inner).add_(g, alpha=1 - inner)), then (m / bc1) / (sqrt(v / bc2) + eps). */
+static inline float sf_adam_inner_direction(float gi, float yi, float *vi, float *mi, const sf_scalars_t *s)
+{
+    float v = SF_FMA(s->one_minus_beta2 * gi, gi, s->beta2 * *vi);
+    *vi = v;
+    float m = SF_FMA(gi, s->one_minus_inner, s->inner * *mi);
+    *mi = m;
+    float num = m / s->bias_correction1;
+    float u = s->adaptive ? num / (sqrtf(v / s->bias_correction2) + s->eps) : num;
     return s->decay ? SF_FMA(yi, s->weight_decay, u) : u;
 }
 
@@ -208,6 +234,22 @@ static void sf_adam_chunk(float *restrict y, const float *restrict g, float *res
     }
 }
 
+static void sf_adam_inner_chunk(float *restrict y, const float *restrict g, float *restrict z, float *restrict v,
+                                float *restrict e, int64_t m, sf_scalars_t s, int closure)
+{
+    if (closure) {
+        for (int64_t i = 0; i < m; ++i) {
+            const float u = sf_adam_inner_direction(g[i], y[i], &v[i], &e[i], &s);
+            SF_CLOSURE_UPDATE(y, z, i, u, s);
+        }
+    } else {
+        for (int64_t i = 0; i < m; ++i) {
+            const float u = sf_adam_inner_direction(g[i], y[i], &v[i], &e[i], &s);
+            SF_PRIMAL_UPDATE(y, z, i, u, s);
+        }
+    }
+}
+
 static void sf_sgd_chunk(float *restrict y, const float *restrict g, float *restrict z, int64_t m,
                          sf_scalars_t s, int closure)
 {
@@ -230,6 +272,19 @@ static int sf_adam(float *const *y, const float *const *g, float *const *z, floa
 {
     const sf_scalars_t s = sf_scalars_make(lr, beta1, beta2, eps, weight_decay, ckp1, bias_correction2, adaptive);
     SF_FOR_CHUNKS(n, count, num_threads, sf_adam_chunk(y[t] + lo, g[t] + lo, z[t] + lo, v[t] + lo, m, s, closure));
+    return 0;
+}
+
+static int sf_adam_inner(float *const *y, const float *const *g, float *const *z, float *const *v,
+                         float *const *e, const int64_t *n, int64_t count, double lr, double beta1, double beta2,
+                         double eps, double weight_decay, double ckp1, double bias_correction2, int adaptive,
+                         double inner_momentum, double bias_correction1, int closure, int num_threads)
+{
+    const sf_scalars_t s = sf_scalars_inner(
+        sf_scalars_make(lr, beta1, beta2, eps, weight_decay, ckp1, bias_correction2, adaptive), inner_momentum,
+        bias_correction1);
+    SF_FOR_CHUNKS(n, count, num_threads,
+                  sf_adam_inner_chunk(y[t] + lo, g[t] + lo, z[t] + lo, v[t] + lo, e[t] + lo, m, s, closure));
     return 0;
 }
 
@@ -259,6 +314,27 @@ int sf_adam_closure_step_f32(float *const *x, const float *const *g, float *cons
 {
     return sf_adam(x, g, z, v, n, count, lr, beta1, beta2, eps, weight_decay, ckp1, bias_correction2, adaptive, 1,
                    num_threads);
+}
+
+/* sf_adam_step_f32 with inner momentum: m <- inner_momentum m + (1 - inner_momentum) g, and u uses
+ * m / bias_correction1 in place of g. */
+int sf_adam_inner_step_f32(float *const *y, const float *const *g, float *const *z, float *const *v,
+                           float *const *e, const int64_t *n, int64_t count, double lr, double beta1, double beta2,
+                           double eps, double weight_decay, double ckp1, double bias_correction2, int adaptive,
+                           double inner_momentum, double bias_correction1, int num_threads)
+{
+    return sf_adam_inner(y, g, z, v, e, n, count, lr, beta1, beta2, eps, weight_decay, ckp1, bias_correction2,
+                         adaptive, inner_momentum, bias_correction1, 0, num_threads);
+}
+
+int sf_adam_inner_closure_step_f32(float *const *x, const float *const *g, float *const *z, float *const *v,
+                                   float *const *e, const int64_t *n, int64_t count, double lr, double beta1,
+                                   double beta2, double eps, double weight_decay, double ckp1,
+                                   double bias_correction2, int adaptive, double inner_momentum,
+                                   double bias_correction1, int num_threads)
+{
+    return sf_adam_inner(x, g, z, v, e, n, count, lr, beta1, beta2, eps, weight_decay, ckp1, bias_correction2,
+                         adaptive, inner_momentum, bias_correction1, 1, num_threads);
 }
 
 /* u <- g + weight_decay y; then the y and z updates of sf_adam_step_f32 with beta1 = momentum. */
@@ -444,14 +520,15 @@ static void sf_lp_adopt(int kind, const uint16_t *restrict p, float *restrict m,
             m[i] = sf_f16_load(p[i]);
 }
 
-/* The step's operation on one chunk: which op, its scalars, and the moment array when it has one. */
-enum { SF_OP_ADAM = 0, SF_OP_SGD = 1, SF_OP_LERP = 2 };
+/* The step's operation on one chunk: which op, its scalars, and the moment arrays when it has them
+ * (v: Adam's second moment; e: the EMA of g of Adam with inner momentum). */
+enum { SF_OP_ADAM = 0, SF_OP_SGD = 1, SF_OP_LERP = 2, SF_OP_ADAM_INNER = 3 };
 
 static inline __attribute__((always_inline)) void sf_lp_update(int kind, int op, int closure, uint16_t *restrict p,
                                                                const uint16_t *restrict g, float *restrict m,
                                                                float *restrict z,
-                                                               float *restrict v, int64_t len,
-                                                               const sf_scalars_t sc, sf_lerp_t l)
+                                                               float *restrict v, float *restrict e,
+                                                               int64_t len, const sf_scalars_t sc, sf_lerp_t l)
 {
     const sf_scalars_t *s = &sc; /* a local copy: no store through m, z or v can change it */
     for (int64_t i = 0; i < len; ++i) {
@@ -461,7 +538,9 @@ static inline __attribute__((always_inline)) void sf_lp_update(int kind, int op,
         } else {
             const float gi = SF_LOAD(kind, g[i]);
             const float yi = m[i];
-            const float u = op == SF_OP_ADAM ? sf_adam_direction(gi, yi, &v[i], s) : sf_sgd_direction(gi, yi, s);
+            const float u = op == SF_OP_ADAM         ? sf_adam_direction(gi, yi, &v[i], s)
+                            : op == SF_OP_ADAM_INNER ? sf_adam_inner_direction(gi, yi, &v[i], &e[i], s)
+                                                     : sf_sgd_direction(gi, yi, s);
             const float zi = z[i];
             if (closure) {
                 const float z_new = SF_FMA(u, s->neg_lr, zi);
@@ -479,13 +558,18 @@ static inline __attribute__((always_inline)) void sf_lp_update(int kind, int op,
 
 /* Dispatch to a body specialised for the kind, op and form, so every inner loop is branch-free. */
 static void sf_lp_chunk(int kind, int op, int closure, uint16_t *p, const uint16_t *g, float *m, float *z, float *v,
-                        int64_t len, const sf_scalars_t *s, sf_lerp_t l)
+                        float *e, int64_t len, const sf_scalars_t *s, sf_lerp_t l)
 {
-#define SF_LP_CASE(K, O, C) \
-    if (kind == (K) && op == (O) && closure == (C)) { sf_lp_update((K), (O), (C), p, g, m, z, v, len, *s, l); return; }
+#define SF_LP_CASE(K, O, C)                                                                       \
+    if (kind == (K) && op == (O) && closure == (C)) {                                             \
+        sf_lp_update((K), (O), (C), p, g, m, z, v, e, len, *s, l);                                \
+        return;                                                                                   \
+    }
     SF_LP_CASE(SF_BF16, SF_OP_ADAM, 0) SF_LP_CASE(SF_BF16, SF_OP_ADAM, 1)
+    SF_LP_CASE(SF_BF16, SF_OP_ADAM_INNER, 0) SF_LP_CASE(SF_BF16, SF_OP_ADAM_INNER, 1)
     SF_LP_CASE(SF_BF16, SF_OP_SGD, 0) SF_LP_CASE(SF_BF16, SF_OP_SGD, 1) SF_LP_CASE(SF_BF16, SF_OP_LERP, 0)
     SF_LP_CASE(SF_F16, SF_OP_ADAM, 0) SF_LP_CASE(SF_F16, SF_OP_ADAM, 1)
+    SF_LP_CASE(SF_F16, SF_OP_ADAM_INNER, 0) SF_LP_CASE(SF_F16, SF_OP_ADAM_INNER, 1)
     SF_LP_CASE(SF_F16, SF_OP_SGD, 0) SF_LP_CASE(SF_F16, SF_OP_SGD, 1) SF_LP_CASE(SF_F16, SF_OP_LERP, 0)
 #undef SF_LP_CASE
 }
@@ -493,8 +577,8 @@ static void sf_lp_chunk(int kind, int op, int closure, uint16_t *p, const uint16
 /* Compare, adopt written tensors, and update, batch by batch (see above). Returns 0, -1 on allocation
  * failure (nothing modified), -2 on an unknown kind. */
 static int sf_lp_run(int kind, int op, int closure, uint16_t *const *p, const uint16_t *const *g, float *const *m,
-                     float *const *z, float *const *v, const int64_t *n, int64_t count, const sf_scalars_t *s,
-                     sf_lerp_t l, int num_threads)
+                     float *const *z, float *const *v, float *const *e, const int64_t *n, int64_t count,
+                     const sf_scalars_t *s, sf_lerp_t l, int num_threads)
 {
     if (kind != SF_BF16 && kind != SF_F16)
         return -2;
@@ -538,7 +622,7 @@ static int sf_lp_run(int kind, int op, int closure, uint16_t *const *p, const ui
                 if (written[t])
                     sf_lp_adopt(kind, p[t] + lo, m[t] + lo, len);
                 sf_lp_chunk(kind, op, closure, p[t] + lo, g ? g[t] + lo : NULL, m[t] + lo, z[t] + lo,
-                            v ? v[t] + lo : NULL, len, s, l);
+                            v ? v[t] + lo : NULL, e ? e[t] + lo : NULL, len, s, l);
             }
             begin = end;
         }
@@ -555,7 +639,7 @@ int sf_adam_step_lp(uint16_t *const *p, const uint16_t *const *g, float *const *
                     int num_threads)
 {
     const sf_scalars_t s = sf_scalars_make(lr, beta1, beta2, eps, weight_decay, ckp1, bias_correction2, adaptive);
-    return sf_lp_run(kind, SF_OP_ADAM, 0, p, g, m, z, v, n, count, &s, s.to_z, num_threads);
+    return sf_lp_run(kind, SF_OP_ADAM, 0, p, g, m, z, v, NULL, n, count, &s, s.to_z, num_threads);
 }
 
 int sf_adam_closure_step_lp(uint16_t *const *p, const uint16_t *const *g, float *const *m, float *const *z,
@@ -564,7 +648,31 @@ int sf_adam_closure_step_lp(uint16_t *const *p, const uint16_t *const *g, float 
                             int kind, int num_threads)
 {
     const sf_scalars_t s = sf_scalars_make(lr, beta1, beta2, eps, weight_decay, ckp1, bias_correction2, adaptive);
-    return sf_lp_run(kind, SF_OP_ADAM, 1, p, g, m, z, v, n, count, &s, s.to_z, num_threads);
+    return sf_lp_run(kind, SF_OP_ADAM, 1, p, g, m, z, v, NULL, n, count, &s, s.to_z, num_threads);
+}
+
+/* sf_adam_inner_step_f32 on the master m of a bfloat16 (kind 1) or float16 (kind 2) parameter p; p <- round(m). */
+int sf_adam_inner_step_lp(uint16_t *const *p, const uint16_t *const *g, float *const *m, float *const *z,
+                          float *const *v, float *const *e, const int64_t *n, int64_t count, double lr, double beta1,
+                          double beta2, double eps, double weight_decay, double ckp1, double bias_correction2,
+                          int adaptive, double inner_momentum, double bias_correction1, int kind, int num_threads)
+{
+    const sf_scalars_t s = sf_scalars_inner(
+        sf_scalars_make(lr, beta1, beta2, eps, weight_decay, ckp1, bias_correction2, adaptive), inner_momentum,
+        bias_correction1);
+    return sf_lp_run(kind, SF_OP_ADAM_INNER, 0, p, g, m, z, v, e, n, count, &s, s.to_z, num_threads);
+}
+
+int sf_adam_inner_closure_step_lp(uint16_t *const *p, const uint16_t *const *g, float *const *m, float *const *z,
+                                  float *const *v, float *const *e, const int64_t *n, int64_t count, double lr,
+                                  double beta1, double beta2, double eps, double weight_decay, double ckp1,
+                                  double bias_correction2, int adaptive, double inner_momentum,
+                                  double bias_correction1, int kind, int num_threads)
+{
+    const sf_scalars_t s = sf_scalars_inner(
+        sf_scalars_make(lr, beta1, beta2, eps, weight_decay, ckp1, bias_correction2, adaptive), inner_momentum,
+        bias_correction1);
+    return sf_lp_run(kind, SF_OP_ADAM_INNER, 1, p, g, m, z, v, e, n, count, &s, s.to_z, num_threads);
 }
 
 int sf_sgd_step_lp(uint16_t *const *p, const uint16_t *const *g, float *const *m, float *const *z, const int64_t *n,
@@ -572,7 +680,7 @@ int sf_sgd_step_lp(uint16_t *const *p, const uint16_t *const *g, float *const *m
                    int num_threads)
 {
     const sf_scalars_t s = sf_scalars_make(lr, momentum, 0.0, 0.0, weight_decay, ckp1, 1.0, 0);
-    return sf_lp_run(kind, SF_OP_SGD, 0, p, g, m, z, NULL, n, count, &s, s.to_z, num_threads);
+    return sf_lp_run(kind, SF_OP_SGD, 0, p, g, m, z, NULL, NULL, n, count, &s, s.to_z, num_threads);
 }
 
 int sf_sgd_closure_step_lp(uint16_t *const *p, const uint16_t *const *g, float *const *m, float *const *z,
@@ -580,7 +688,7 @@ int sf_sgd_closure_step_lp(uint16_t *const *p, const uint16_t *const *g, float *
                            double ckp1, int kind, int num_threads)
 {
     const sf_scalars_t s = sf_scalars_make(lr, momentum, 0.0, 0.0, weight_decay, ckp1, 1.0, 0);
-    return sf_lp_run(kind, SF_OP_SGD, 1, p, g, m, z, NULL, n, count, &s, s.to_z, num_threads);
+    return sf_lp_run(kind, SF_OP_SGD, 1, p, g, m, z, NULL, NULL, n, count, &s, s.to_z, num_threads);
 }
 
 /* m <- lerp(m, z, weight); p <- round(m) (the train/eval switches of a low-precision parameter). */
@@ -588,6 +696,6 @@ int sf_lerp_lp(uint16_t *const *p, float *const *m, const float *const *z, const
                double weight, int kind, int num_threads)
 {
     const sf_scalars_t s = sf_scalars_make(0.0, 0.5, 0.0, 0.0, 0.0, 0.0, 1.0, 0);
-    return sf_lp_run(kind, SF_OP_LERP, 0, p, NULL, m, (float *const *)z, NULL, n, count, &s, sf_lerp_make(weight),
+    return sf_lp_run(kind, SF_OP_LERP, 0, p, NULL, m, (float *const *)z, NULL, NULL, n, count, &s, sf_lerp_make(weight),
                      num_threads);
 }

@@ -10,7 +10,9 @@ package keeps this form to reproduce the paper; it can be unstable on some probl
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Iterable
+
+import torch
 
 from ..schedule import warmup_multiplier
 from .adamw import AdamWRule
@@ -23,6 +25,15 @@ class AdamWPaperRule(AdamWRule):
     z <- z - lr_k * (g / (sqrt(v) + eps) + weight_decay * y), with v the EMA of g^2 and
     lr_k = lr * warmup_k * sqrt(1 - beta2^(k+1)); lr_k is also the lr of the averaging weight.
     """
+
+    def __init__(self, params: Iterable[Any], lr: float | torch.Tensor = 0.0025,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0,
+                 warmup_steps: int = 0, r: float = 0.0, weight_lr_power: float = 2.0,
+                 foreach: bool | None = None, fused: bool | None = None, master_weights: bool = True) -> None:
+        # The published paper form has no inner_momentum (upstream HEAD neither), so its groups keep 0.
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, warmup_steps=warmup_steps,
+                         r=r, weight_lr_power=weight_lr_power, foreach=foreach, fused=fused,
+                         master_weights=master_weights)
 
     def _multiplier(self, group: dict[str, Any]) -> tuple[float, bool]:
         beta2, k = group["betas"][1], group["k"]

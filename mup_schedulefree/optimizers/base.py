@@ -331,7 +331,7 @@ class GroupPlan(NamedTuple):
     states: list                           # their state dicts
     state_tensors: dict                    # state key -> the tensors the calls were bound to
     state_pointers: dict                   # state key -> their data pointers (``.data =`` keeps the object)
-    flags: tuple                           # the group's fused, foreach and master_weights
+    flags: tuple                           # the group's fused, foreach, master_weights, inner_momentum
     calls: list | None                     # (native.Prepared, rows of the active parameters it takes,
                                            #  its lists with None for the gradients, its masters)
 
@@ -342,8 +342,9 @@ def _pointers(tensors: Iterable[torch.Tensor | None]) -> list:
 
 
 def _flags(group: dict[str, Any]) -> tuple:
-    """The group entries a step plan depends on besides its tensors: fused, foreach, master_weights."""
-    return group.get("fused"), group.get("foreach"), group.get("master_weights")
+    """The group entries a step plan depends on besides its tensors: fused, foreach, master_weights,
+    and inner_momentum (whether it is on picks the op and the moments the calls are bound to)."""
+    return group.get("fused"), group.get("foreach"), group.get("master_weights"), group.get("inner_momentum")
 
 
 class ScheduleFreeCore(Optimizer):
@@ -351,7 +352,9 @@ class ScheduleFreeCore(Optimizer):
 
     An update rule is a mixin that defines:
         ``_beta(group)``: the interpolation coefficient between z and x.
-        ``_moment_keys``: names of zero-initialised state tensors besides z.
+        ``_moment_keys(group)``: names of the zero-initialised state tensors besides z that the
+            group's hyperparameters call for (created lazily, on a parameter's next step).
+        ``_native_op(group)``: the group's fused primal step in ``native.OPS`` ("" for none).
         ``_validate(group)``: hyperparameter checks (raise ValueError naming the argument).
         ``_advance(group)``: advance the group's schedule by one step (called once per group and
             step, with or without gradients) and return the kernel's scalar arguments.
@@ -364,14 +367,18 @@ class ScheduleFreeCore(Optimizer):
     ``step`` is driven.
     """
 
-    _moment_keys: tuple[str, ...] = ()
-
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
         super().__init__(params, {**SCHEDULE_DEFAULTS, **defaults})
         self.register_load_state_dict_pre_hook(check_saved_state)
 
     def _beta(self, group: dict[str, Any]) -> float:
         raise NotImplementedError
+
+    def _moment_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
+        return ()
+
+    def _native_op(self, group: dict[str, Any]) -> str:
+        return ""
 
     def _validate(self, group: dict[str, Any]) -> None:
         check_common(group)
@@ -428,9 +435,9 @@ class ScheduleFreeCore(Optimizer):
             state[MASTER] = p.detach().to(torch.float32, copy=True)
         elif not master:
             state.pop(MASTER, None)
-        for key in ("z", *self._moment_keys, *((MASTER,) if master else ())):
-            tensor = state[key]
-            if tensor.dtype != state_dtype or tensor.device != p.device:
+        for key in ("z", *self._moment_keys(group), *((MASTER,) if master else ())):
+            tensor = state.get(key)  # a moment switched on since the last step is created by _init_state
+            if tensor is not None and (tensor.dtype != state_dtype or tensor.device != p.device):
                 state[key] = tensor.to(device=p.device, dtype=state_dtype)
 
     def _check_groups(self) -> None:
@@ -497,21 +504,25 @@ class ScheduleFreeCore(Optimizer):
                                    "take the eager path.")
 
     def _init_state(self, group: dict[str, Any], p: torch.Tensor) -> None:
+        """Create what ``p``'s state lacks: z (and its master) on its first step, and every moment the
+        group calls for now (all of them then, or one switched on since, as inner momentum)."""
         state = self.state[p]
-        if "z" in state:
-            return
-        state_dtype = p.dtype
-        if group.get("master_weights", True) and p.dtype in LOW_PRECISION:
-            state_dtype = torch.float32
-            state[MASTER] = p.detach().to(torch.float32, copy=True)
-        state["z"] = p.detach().to(state_dtype, copy=True)
-        for key in self._moment_keys:
-            state[key] = torch.zeros_like(p, dtype=state_dtype, memory_format=torch.preserve_format)
+        if "z" not in state:
+            state_dtype = p.dtype
+            if group.get("master_weights", True) and p.dtype in LOW_PRECISION:
+                state_dtype = torch.float32
+                state[MASTER] = p.detach().to(torch.float32, copy=True)
+            state["z"] = p.detach().to(state_dtype, copy=True)
+        for key in self._moment_keys(group):
+            if key not in state:
+                state[key] = torch.zeros_like(p, dtype=state["z"].dtype, memory_format=torch.preserve_format)
 
-    def _lists(self, params: list[torch.Tensor]) -> list[list[torch.Tensor | None]]:
-        """Parallel lists [parameters, gradients, z, *moments, masters] (a master is None where there is none)."""
+    def _lists(self, group: dict[str, Any], params: list[torch.Tensor]) -> list[list[torch.Tensor | None]]:
+        """Parallel lists [parameters, gradients, z, *moments, masters] of the group's ``params`` (a master
+        is None where there is none; the moments are those of ``_moment_keys(group)``)."""
+        keys = self._moment_keys(group)
         points, grads, zs, masters = [], [], [], []
-        moments: list[list[torch.Tensor]] = [[] for _ in self._moment_keys]
+        moments: list[list[torch.Tensor]] = [[] for _ in keys]
         for p in params:
             state = self.state[p]
             points.append(real_view(local(p)))
@@ -519,11 +530,9 @@ class ScheduleFreeCore(Optimizer):
             master = state.get(MASTER)
             masters.append(None if master is None else real_view(local(master)))
             zs.append(real_view(local(state["z"])))
-            for column, key in zip(moments, self._moment_keys):
+            for column, key in zip(moments, keys):
                 column.append(real_view(local(state[key])))
         return [points, grads, zs, *moments, masters]
-
-    _native_op: str = ""  # the rule's fused step in native.OPS ("" for none)
 
     def _plan(self, group: dict[str, Any]) -> GroupPlan | None:
         """Build what the group's next steps reuse: the checked, bucketed lists as bound native calls.
@@ -545,21 +554,22 @@ class ScheduleFreeCore(Optimizer):
         if any("z" not in self.state[p] for p in active):
             return None
         states = [self.state[p] for p in active]
-        keys = ("z", *self._moment_keys) + ((MASTER,) if any(MASTER in st for st in states) else ())
+        keys = ("z", *self._moment_keys(group)) + ((MASTER,) if any(MASTER in st for st in states) else ())
         plan = dict(params_list=params, params=tuple(params), has_grad=has_grad,
                     pointers=[p.data_ptr() for p in active], states=states,
                     state_tensors={key: [st.get(key) for st in states] for key in keys},
                     state_pointers={key: _pointers(st.get(key) for st in states) for key in keys},
                     flags=_flags(group), calls=None)
-        if lib is None or not self._native_op or any(p.is_complex() or local(p) is not p for p in active):
+        op = self._native_op(group)
+        if lib is None or not op or any(p.is_complex() or local(p) is not p for p in active):
             return GroupPlan(**plan)
         calls = []
-        *lists, masters = self._lists(active)
+        *lists, masters = self._lists(group, active)
         for path, bucket, kept, rows in kernels.route(lists, fused=group.get("fused"), foreach=group.get("foreach"),
                                                        masters=masters, low_precision_grads=True):
             if path != "native":
                 return GroupPlan(**plan)
-            name, tensors = self._native_op, bucket
+            name, tensors = op, bucket
             if kept is not None:
                 name, tensors = name + "lp_", [bucket[0], bucket[1], kept, *bucket[2:]]
             try:
@@ -626,7 +636,7 @@ class ScheduleFreeCore(Optimizer):
         scalars = self._advance(group)
         for p in params:
             self._init_state(group, p)
-        *lists, masters = self._lists(params)
+        *lists, masters = self._lists(group, params)
         self._kernel(lists, scalars, fused=group.get("fused"), foreach=group.get("foreach"), closure_form=closure_form,
                      masters=masters)
 

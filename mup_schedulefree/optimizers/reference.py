@@ -79,7 +79,8 @@ class _ReferenceForm(ModalForm):
                 if "z" not in state:
                     for key in ("x", "y", "z"):
                         state[key] = p.detach().clone()
-                    for key in self._moment_keys:
+                for key in self._moment_keys(group):  # all on the first step; inner momentum once switched on
+                    if key not in state:
                         state[key] = torch.zeros_like(p)
                 real = {key: real_view(value) for key, value in state.items()}
                 x, y, z = real["x"], real["y"], real["z"]
@@ -97,6 +98,9 @@ class AdamWScheduleFreeReference(AdamWRule, _ReferenceForm):
     plus ``decay_at_z`` (take the weight decay at z instead of y). ``foreach``/``fused`` are
     accepted for signature compatibility and ignored.
 
+    With ``inner_momentum`` = mu > 0 the direction is (m / (1 - mu^(k+1))) / (sqrt(v / (1 - beta2^(k+1)))
+    + eps), with m <- mu m + (1 - mu) g kept as ``exp_avg``.
+
     Example::
 
         opt = AdamWScheduleFreeReference(model.parameters(), lr=1e-3)
@@ -105,9 +109,9 @@ class AdamWScheduleFreeReference(AdamWRule, _ReferenceForm):
     def __init__(self, params: Iterable[Any], lr: float | torch.Tensor = 0.0025,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0,
                  warmup_steps: int = 0, r: float = 0.0, weight_lr_power: float = 2.0, decay_at_z: bool = False,
-                 foreach: bool | None = None, fused: bool | None = None) -> None:
+                 inner_momentum: float = 0.0, foreach: bool | None = None, fused: bool | None = None) -> None:
         defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps, weight_decay=weight_decay, warmup_steps=warmup_steps,
-                        r=r, weight_lr_power=weight_lr_power, decay_at_z=decay_at_z)
+                        r=r, weight_lr_power=weight_lr_power, decay_at_z=decay_at_z, inner_momentum=inner_momentum)
         self._validate(defaults)
         super(AdamWRule, self).__init__(params, defaults)
 
@@ -115,6 +119,11 @@ class AdamWScheduleFreeReference(AdamWRule, _ReferenceForm):
         beta2 = group["betas"][1]
         v = state["exp_avg_sq"]
         v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+        inner = float(group["inner_momentum"])
+        if inner:
+            m = state["exp_avg"]
+            m.mul_(inner).add_(grad, alpha=1.0 - inner)
+            grad = m / (1.0 - inner ** (k + 1))
         return grad / ((v / (1.0 - beta2 ** (k + 1))).sqrt() + group["eps"])
 
 

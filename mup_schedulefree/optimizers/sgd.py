@@ -51,7 +51,8 @@ class SGDRule:
         lr, ckp1 = advance_schedule(group, warmup_multiplier(group["k"], group["warmup_steps"]))
         return dict(lr=lr, momentum=group["momentum"], weight_decay=group["weight_decay"], ckp1=ckp1)
 
-    _native_op = "sgd_sf_step_"  # its fused primal step in native.OPS
+    def _native_op(self, group: dict[str, Any]) -> str:
+        return "sgd_sf_step_"  # its fused primal step in native.OPS
 
     def _kernel(self, lists: list[list[torch.Tensor]], scalars: dict[str, Any], *, fused: bool | None,
                 foreach: bool | None, closure_form: bool, masters: list[torch.Tensor | None] | None,
