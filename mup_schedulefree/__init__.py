@@ -5,6 +5,8 @@ usual traps; the ``Mu*`` factories split parameter groups by muP's infinite-widt
 learning rate and weight decay so that hyperparameters tuned at a small width transfer.
 """
 from .optimizers import (
+    AdamCScheduleFreePlus,
+    AdamCScheduleFreePlusPaper,
     AdamWScheduleFree,
     AdamWScheduleFreeClosure,
     AdamWScheduleFreePaper,
@@ -54,6 +56,8 @@ __all__ = [
     "load_checkpoint",
     "state_dict_at_x",
     "recalibrate_batchnorm",
+    "AdamCScheduleFreePlus",
+    "AdamCScheduleFreePlusPaper",
     "AdamWScheduleFree",
     "AdamWScheduleFreeClosure",
     "AdamWScheduleFreePaper",

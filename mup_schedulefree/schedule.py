@@ -1,4 +1,5 @@
-"""Scalar schedules of schedule-free training: warmup, RAdam rectification, averaging weight.
+"""Scalar schedules of schedule-free training: warmup, RAdam rectification, averaging weight,
+and ScheduleFree+'s annealed momentum and averaging warmup.
 
 Schedule-free methods keep three sequences: z (the base optimizer's iterate), x (a weighted
 running average of z, the point to evaluate) and y = (1 - beta) z + beta x (the point where
@@ -110,3 +111,51 @@ def averaging_weight(
     weight_sum = weight_sum + weight
     ckp1 = weight / weight_sum if weight_sum > 0.0 else 0.0
     return Averaging(ckp1, lr_max, weight_sum)
+
+
+def averaging_weight_c_warmup(
+    k: int, lr: float, lr_max: float, weight_sum: float, r: float, weight_lr_power: float, c_warmup: int
+) -> Averaging:
+    """:func:`averaging_weight` after ``c_warmup`` steps in which x simply follows z (ScheduleFree+).
+
+    For k < c_warmup, ckp1 is 1 (x is set to the new z) and the step adds no weight to the sum,
+    while the running maximum of the learning rate keeps tracking every step; from step
+    c_warmup on, the usual weighting applies to the steps that follow.
+
+    Args:
+        k: number of steps already taken.
+        lr: learning rate of this step (in whatever unit ``lr_max`` is kept).
+        lr_max: running maximum of ``lr`` before this step.
+        weight_sum: running sum of weights before this step.
+        r: power of the polynomial weighting (k+1)^r.
+        weight_lr_power: power of lr_max in the weight.
+        c_warmup: number of initial steps with ckp1 = 1; 0 disables the warmup.
+
+    Returns:
+        ckp1 and the updated running maximum and sum.
+    """
+    if k < c_warmup:
+        return Averaging(1.0, max(lr, lr_max), weight_sum)
+    return averaging_weight(k, lr, lr_max, weight_sum, r, weight_lr_power)
+
+
+def annealed_momentum(k: int, start: float, end: float, anneal_steps: int) -> float:
+    """The interpolation coefficient beta at step index ``k``, annealed from ``start`` to ``end``.
+
+    The annealing is geometric in 1 - beta, the inverse of the averaging window's length:
+    1 - beta_k = (1 - start)^(1 - t) * (1 - end)^t with t = min(k / anneal_steps, 1), so the
+    window grows by the same factor every step until it reaches its final length.
+
+    Args:
+        k: number of steps already taken.
+        start: beta at step 0, in (0, 1).
+        end: beta from step ``anneal_steps`` on, in (0, 1).
+        anneal_steps: length of the annealing; 0 keeps ``start`` for ever.
+
+    Returns:
+        beta_k.
+    """
+    if anneal_steps <= 0:
+        return start
+    t = min(k / anneal_steps, 1.0)
+    return 1.0 - math.exp((1.0 - t) * math.log(1.0 - start) + t * math.log(1.0 - end))

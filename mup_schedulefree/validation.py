@@ -56,3 +56,20 @@ def check_range(name: str, value: Any, low: float, high: float | None = None, *,
         hi = ")" if high_open else "]"
         bound = f"{lo}{low}, {high if high is not None else 'inf'}{hi}"
         raise ValueError(f"Invalid {name}: {value!r} (must lie in {bound})")
+
+
+def check_count(name: str, value: Any) -> None:
+    """Raise unless ``value`` is a non-negative int (a number of steps).
+
+    Args:
+        name: argument name shown in the message.
+        value: the value supplied by the user.
+
+    Raises:
+        TypeError: ``value`` is not an int (bools and floats are not).
+        ValueError: ``value`` is negative.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"Invalid {name}: {value!r} (must be a non-negative int, got {type(value).__name__})")
+    if value < 0:
+        raise ValueError(f"Invalid {name}: {value!r} (must lie in [0, inf))")

@@ -1,4 +1,5 @@
 """Schedule-free optimizers: primal (train/eval), closure, reference and wrapper forms."""
+from .adamc_plus import AdamCScheduleFreePlus, AdamCScheduleFreePlusPaper
 from .adamw import AdamWScheduleFree, AdamWScheduleFreeClosure
 from .adamw_paper import AdamWScheduleFreePaper
 from .radam import RAdamScheduleFree, RAdamScheduleFreeClosure
@@ -7,6 +8,8 @@ from .sgd import SGDScheduleFree, SGDScheduleFreeClosure
 from .wrapper import ScheduleFreeWrapper
 
 __all__ = [
+    "AdamCScheduleFreePlus",
+    "AdamCScheduleFreePlusPaper",
     "AdamWScheduleFree",
     "AdamWScheduleFreeClosure",
     "AdamWScheduleFreePaper",
