@@ -98,8 +98,38 @@ def _native():
     return native if native.available() else None
 
 
+TRITON_DEVICES: tuple[str, ...] = ("cuda",)
+"""Device types whose buckets the Triton kernels take (the test suite adds "cpu" under Triton's interpreter)."""
+
+
+def _triton():
+    """The Triton kernel module for CUDA tensors, or None without triton or a GPU (imported on first use)."""
+    try:
+        from . import triton_kernels
+    except ImportError:
+        return None
+    return triton_kernels if triton_kernels.available() else None
+
+
+def _triton_fits(tk, bucket: list[list[torch.Tensor]], kept: list | None, low: list[int]) -> list[bool]:
+    """Which rows of a bucket the Triton kernels take: every operand supported, masters with low-precision ones."""
+    fits = []
+    for i, row in enumerate(zip(*bucket)):
+        master = None if kept is None else kept[i]
+        ok = all(tk.supports(t) for t in row)
+        if master is None:
+            ok = ok and all(t.dtype == torch.float32 for t in row)
+        else:
+            ok = (ok and tk.supports(master) and master.dtype == torch.float32
+                  and all(row[j].dtype in (torch.bfloat16, torch.float16) for j in low)
+                  and all(t.dtype == torch.float32 for j, t in enumerate(row) if j not in low))
+        fits.append(ok)
+    return fits
+
+
 class Route(NamedTuple):
-    """Parallel sub-lists that take one path: "native" (the fused C kernels), "foreach" or "loop" (eager).
+    """Parallel sub-lists that take one path: "native" (the fused C kernels, CPU), "triton" (the fused
+    Triton kernels, CUDA), "foreach" or "loop" (eager).
 
     ``rows`` are their indices in the lists given to :func:`route`.
     """
@@ -114,12 +144,14 @@ def route(lists: Sequence[Tensors], *, fused: bool | None, foreach: bool | None,
           low_precision_grads: bool = False) -> list[Route]:
     """Decide which path each row of parallel tensor lists takes: the one place this is decided.
 
-    Rows are bucketed by the device and dtype of ``lists[0]``. In a bucket, ``fused`` (None: on
-    for CPU tensors) sends to the native kernels every row they can take, when they are built:
-    float32 rows (``native.supports``), or low-precision parameters with float32 ``masters``
-    (``native.supports_low_precision``; with ``low_precision_grads`` the second list, the
-    gradients, has the parameters' dtype). Every other row takes the eager path: ``_foreach``
-    operations when ``foreach`` (None: on for tensors off the CPU), else one tensor at a time.
+    Rows are bucketed by the device and dtype of ``lists[0]``. In a bucket, ``fused`` (None: on)
+    sends every row the fused kernels can take to them: on the CPU the native kernels, when they are
+    built (float32 rows, ``native.supports``, or low-precision parameters with float32 ``masters``,
+    ``native.supports_low_precision``); on CUDA the Triton kernels, when triton imports
+    (``triton_kernels.supports``: the same dtypes, contiguous). With ``low_precision_grads`` the
+    second list, the gradients, has the parameters' dtype. Every other row takes the eager path:
+    ``_foreach`` operations when ``foreach`` (None: on for tensors off the CPU), else one tensor at
+    a time.
 
     Args:
         lists: parallel lists of tensors; the first holds the tensors updated in place.
@@ -135,10 +167,21 @@ def route(lists: Sequence[Tensors], *, fused: bool | None, foreach: bool | None,
     master_column = list(masters) if masters is not None else [None] * count
     routes = []
     for *bucket, kept, indices in group_by_device_and_dtype([*lists, master_column, list(range(count))]):
-        on_cpu = bucket[0][0].device.type == "cpu"
+        device_type = bucket[0][0].device.type
+        on_cpu = device_type == "cpu"
         eager = "foreach" if (not on_cpu if foreach is None else foreach) else "loop"
         has_masters = kept[0] is not None
-        lib = _native() if (on_cpu if fused is None else fused) else None
+        if device_type in TRITON_DEVICES and fused is not False and (tk := _triton()) is not None:
+            low = ([0, 1] if low_precision_grads else [0]) if has_masters else []
+            fits = _triton_fits(tk, bucket, kept if has_masters else None, low)
+            for path, wanted in (("triton", True), (eager, False)):
+                rows = [i for i, ok in enumerate(fits) if ok is wanted]
+                if rows:
+                    routes.append(Route(path, [[column[i] for i in rows] for column in bucket],
+                                        [kept[i] for i in rows] if has_masters else None,
+                                        [indices[i] for i in rows]))
+            continue
+        lib = _native() if (on_cpu if fused is None else fused) and on_cpu else None
         if lib is None:
             routes.append(Route(eager, bucket, kept if has_masters else None, indices))
             continue
@@ -176,7 +219,11 @@ def _dispatch(native_name: str, eager: Callable[..., None], lists: Sequence[Tens
     is_step = native_name != "lerp_"
     for path, sub, kept, _ in route(lists, fused=fused, foreach=foreach, masters=masters,
                                     low_precision_grads=is_step):
-        if path == "native":
+        if path == "triton":
+            name = "adam_sf_step_" if native_name.startswith("adam_sf_") else (
+                "sgd_sf_step_" if native_name.startswith("sgd_sf_") else native_name)
+            getattr(_triton(), name)(*sub, **scalars, **({} if kept is None else {"masters": kept}))
+        elif path == "native":
             lib = _native()
             kwargs = dict(scalars if native_scalars is None else native_scalars)
             if kept is None:

@@ -468,7 +468,7 @@ class ScheduleFreeCore(Optimizer):
     def _check_gradients(self) -> None:
         """Raise, naming the parameter, before a step whose gradients cannot be used; change nothing.
 
-        Sparse gradients are refused, and so is ``fused=True`` where the native kernels cannot take
+        Sparse gradients are refused, and so is ``fused=True`` where the fused kernels cannot take
         a parameter or its gradient (as torch's ``fused=True`` raises): the flag is a promise, and
         ``fused=None`` lets such tensors take the eager path.
         """
@@ -493,11 +493,13 @@ class ScheduleFreeCore(Optimizer):
         lists = [[real_view(local(p)) for p in params], [real_view(local(p.grad)) for p in params]]
         for path, _, _, rows in kernels.route(lists, fused=True, foreach=group.get("foreach"), masters=masters,
                                               low_precision_grads=True):
-            if path != "native":
+            if path not in ("native", "triton"):
                 p = params[rows[0]]
-                why = ("the native kernels are unavailable here" if kernels._native() is None else
-                       "the native kernels take contiguous CPU float32 tensors, and bfloat16/float16 ones with "
-                       "master_weights=True, with gradients of their dtype")
+                cuda = p.device.type in kernels.TRITON_DEVICES
+                missing = kernels._triton() is None if cuda else kernels._native() is None
+                why = (("triton is not installed" if cuda else "the native kernels are unavailable here") if missing
+                       else "the fused kernels take contiguous float32 tensors (CPU: native, CUDA: Triton), and "
+                       "bfloat16/float16 ones with master_weights=True, with gradients of their dtype")
                 raise RuntimeError(f"{type(self).__name__}: fused=True cannot be kept for "
                                    f"{describe_parameter(group, indices[rows[0]], p)}, {p.dtype} on {p.device} "
                                    f"with a {p.grad.dtype} gradient: {why}. Pass fused=None to let such tensors "
