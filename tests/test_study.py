@@ -228,3 +228,14 @@ def test_study_command_errors_are_one_line_naming_the_flag(tmp_path, capsys, arg
     assert exit_.value.code == 2
     error = capsys.readouterr().err
     assert error.count("\n") == 1 and flag in error
+
+
+def test_the_eps_variants_reach_the_optimizer():
+    settings = StudySettings(**TINY)
+    data = study.StudyData(settings)
+    torch.manual_seed(0)
+    _, scaled = study.build_run(settings, data, Knobs(eps=1e-4, scale_eps=True), 32, 1e-3)
+    _, fixed = study.build_run(settings, data, Knobs("sp", eps=1e-4, beta=0.5), 32, 1e-3)
+    hidden = [g for g in scaled.param_groups if g["mup_role"] == "matrix-like"][0]
+    assert hidden["eps"] == pytest.approx(1e-4 / 2) and hidden["mup_eps_mult"] == pytest.approx(0.5)  # width_mult 2
+    assert all(g["eps"] == 1e-4 and g["betas"] == (0.5, 0.999) for g in fixed.param_groups)
