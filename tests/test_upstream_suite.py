@@ -168,12 +168,8 @@ def test_marked_upstream_tests_exist():
     assert not stale, f"marked upstream tests no longer in {UPSTREAM_TESTS_FILE}: {stale}"
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "known incompatibility, not fixed here (the message is built in optimizers/base.py): upstream's "
-    "eval-mode error says 'not in train mode' and its test matches 'train mode'; ours says 'called in eval "
-    "mode', so code matching upstream's wording misses it"))
 def test_eval_mode_error_carries_upstreams_train_mode_wording():
-    """The upstream test above, in the mode where ours raises too: its message check alone fails."""
+    """The upstream test above, in the mode where ours raises too: code matching upstream's wording finds ours."""
     weight = torch.zeros(3, 2, requires_grad=True)
     optimizer = mup_schedulefree.AdamCScheduleFreePlusPaper([weight], lr=1.0)
     optimizer.eval()

@@ -679,8 +679,8 @@ def train_mode_closure(optimizer: Optimizer, closure: Callable[[], Any] | None) 
         The closure's loss, or None.
     """
     if not optimizer.train_mode:
-        raise RuntimeError(f"{type(optimizer).__name__}.step() was called in eval mode: call optimizer.train() "
-                           "before training steps (and optimizer.eval() before evaluating or saving).")
+        raise RuntimeError(f"{type(optimizer).__name__}.step() was called in eval mode (not in train mode): call "
+                           "optimizer.train() before training steps (and optimizer.eval() before evaluating or saving).")
     if closure is None:
         return None
     with torch.enable_grad():
