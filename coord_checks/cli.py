@@ -238,6 +238,8 @@ def build_study_parser() -> argparse.ArgumentParser:
     ablations = parser.add_argument_group("ablations (each adds a muP variant)")
     ablations.add_argument("--no-zero-init", action="store_true",
                            help="muP with PyTorch's initialisation of readout and query")
+    ablations.add_argument("--split-zero-init", action="store_true",
+                           help="muP with only the readout, and with only the query, initialised to zero")
     ablations.add_argument("--tune-mults", nargs="+", choices=study.MULTIPLIERS, metavar="MULT",
                            help="muP with these multipliers (input, output, attn) tuned at the base width "
                                 f"over {' '.join(f'{m:g}' for m in study.DEFAULT_MULT_GRID)}")
@@ -706,7 +708,8 @@ def run_study(args: argparse.Namespace) -> int:
             steps=args.steps, eval_steps=tuple(sorted(set(args.eval_steps))), batch_size=args.batch_size,
             seq_len=args.seq_len, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
             points_per_octave=args.points_per_octave)
-        chosen = study.variants(no_zero_init=args.no_zero_init, tune_mults=args.tune_mults or (),
+        chosen = study.variants(no_zero_init=args.no_zero_init, split_zero_init=args.split_zero_init,
+                                tune_mults=args.tune_mults or (),
                                 tune_roles=args.tune_roles, betas=args.betas, epsilons=args.eps,
                                 scale_eps=args.scale_eps)
     except ValueError as error:

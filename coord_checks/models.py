@@ -70,12 +70,22 @@ def _readout(width: int, d_out: int, parametrization: str, bias: bool = True, ze
     return nn.Linear(width, d_out, bias=bias)
 
 
-def _check_knobs(parametrization: str, zero_init: bool, **multipliers: float | None) -> None:
-    """The muP knobs exist in muP only, and the multipliers must be positive."""
+ZERO_INIT_PARTS: tuple[str, ...] = ("readout", "query")
+
+
+def _zeroed(zero_init: bool | str, part: str) -> bool:
+    """Whether ``part`` ("readout" or "query") starts at zero: True zeroes both, False neither, a name that one."""
+    return zero_init is True or zero_init == part
+
+
+def _check_knobs(parametrization: str, zero_init: bool | str, **multipliers: float | None) -> None:
+    """The muP knobs exist in muP only, the multipliers must be positive, zero_init a bool or a part."""
+    if not isinstance(zero_init, bool) and zero_init not in ZERO_INIT_PARTS:
+        raise ValueError(f"zero_init must be True, False or one of {ZERO_INIT_PARTS}, got {zero_init!r}")
     for name, value in multipliers.items():
         if value is not None and not (isinstance(value, (int, float)) and 0 < value < math.inf):
             raise ValueError(f"{name} must be a positive number, got {value!r}")
-    if parametrization == "sp" and (not zero_init or any(
+    if parametrization == "sp" and (zero_init is not True or any(
             value not in (None, 1.0) for name, value in multipliers.items() if name != "attn_mult")
             or multipliers.get("attn_mult") is not None):
         raise ValueError("zero_init, input_mult, output_mult and attn_mult are muP knobs: "
@@ -91,14 +101,15 @@ class MLP(nn.Module):
         d_out: outputs (logits).
         n_hidden: number of hidden width-by-width layers.
         parametrization: ``"mup"`` or ``"sp"`` (see the module docstring).
-        zero_init: muP only: initialise the readout to zero (mup's ``readout_zero_init``).
+        zero_init: muP only: initialise the readout to zero (mup's ``readout_zero_init``; ``"readout"``
+            is the same, ``"query"`` leaves it at PyTorch's init).
         input_mult: muP only: multiplier of the input layer's output.
         output_mult: muP only: ``MuReadout``'s ``output_mult`` (logits scaled by it over width_mult).
     """
 
     def __init__(
         self, width: int, d_in: int, d_out: int, n_hidden: int = 2, parametrization: str = "mup",
-        zero_init: bool = True, input_mult: float = 1.0, output_mult: float = 1.0,
+        zero_init: bool | str = True, input_mult: float = 1.0, output_mult: float = 1.0,
     ) -> None:
         super().__init__()
         check_parametrization(parametrization)
@@ -106,8 +117,8 @@ class MLP(nn.Module):
         self.input_mult = input_mult
         self.input = nn.Linear(d_in, width, bias=False)
         self.hidden = nn.ModuleList(nn.Linear(width, width, bias=False) for _ in range(n_hidden))
-        self.readout = _readout(width, d_out, parametrization, bias=False, zero_init=zero_init,
-                                output_mult=output_mult)
+        self.readout = _readout(width, d_out, parametrization, bias=False,
+                                zero_init=_zeroed(zero_init, "readout"), output_mult=output_mult)
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits over the vocabulary for one-hot character contexts."""
@@ -235,7 +246,8 @@ class GPT(nn.Module):
         n_heads: attention heads (fixed across widths).
         parametrization: ``"mup"`` or ``"sp"`` (see the module docstring).
         base_width: the ``d_model`` at which muP's attention scale equals SP's.
-        zero_init: muP only: initialise the readout and every query projection to zero.
+        zero_init: muP only: initialise the readout and every query projection to zero (True),
+            neither (False), or only ``"readout"`` or only ``"query"``.
         input_mult: muP only: multiplier of the summed token and position embeddings.
         output_mult: muP only: ``MuReadout``'s ``output_mult``.
         attn_mult: muP only: numerator of the attention-logit scale ``attn_mult / head_dim``
@@ -251,7 +263,7 @@ class GPT(nn.Module):
         n_heads: int = N_HEADS,
         parametrization: str = "mup",
         base_width: int = BASE_WIDTHS["transformer"],
-        zero_init: bool = True,
+        zero_init: bool | str = True,
         input_mult: float = 1.0,
         output_mult: float = 1.0,
         attn_mult: float | None = None,
@@ -265,11 +277,11 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(vocab_size, width)
         self.pos_emb = nn.Embedding(max_seq_len, width)
         self.blocks = nn.ModuleList(
-            Block(width, n_heads, parametrization, attn_mult, zero_init) for _ in range(n_layers)
+            Block(width, n_heads, parametrization, attn_mult, _zeroed(zero_init, "query")) for _ in range(n_layers)
         )
         self.ln_f = nn.LayerNorm(width)
-        self.readout = _readout(width, vocab_size, parametrization, bias=False, zero_init=zero_init,
-                                output_mult=output_mult)
+        self.readout = _readout(width, vocab_size, parametrization, bias=False,
+                                zero_init=_zeroed(zero_init, "readout"), output_mult=output_mult)
 
     def forward(self, tokens: Tensor) -> Tensor:
         """Next-character logits for every position of a batch of token sequences."""

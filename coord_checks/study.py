@@ -84,7 +84,8 @@ class Knobs:
 
     Attributes:
         parametrization: ``"mup"`` or ``"sp"``.
-        zero_init: muP: readout and query projections initialised to zero.
+        zero_init: muP: readout and query projections initialised to zero (True), neither
+            (False), or only ``"readout"`` or ``"query"``.
         input_mult: muP: multiplier of the input layer's (embeddings') output.
         output_mult: muP: ``MuReadout``'s output multiplier.
         attn_mult: muP, Transformer: factor on the attention-logit numerator (1 = the default,
@@ -96,7 +97,7 @@ class Knobs:
     """
 
     parametrization: str = "mup"
-    zero_init: bool = True
+    zero_init: bool | str = True
     input_mult: float = 1.0
     output_mult: float = 1.0
     attn_mult: float = 1.0
@@ -141,12 +142,13 @@ class Variant:
     tune: tuple[str, ...] = ()
 
 
-def variants(no_zero_init: bool = False, tune_mults: Sequence[str] = (), tune_roles: bool = False,
+def variants(no_zero_init: bool = False, split_zero_init: bool = False, tune_mults: Sequence[str] = (), tune_roles: bool = False,
              betas: Sequence[float] = (), epsilons: Sequence[float] = (), scale_eps: bool = False) -> list[Variant]:
     """The plain muP variant and one more per ablation asked for.
 
     Args:
         no_zero_init: add ``no-zero-init``: readout and query with PyTorch's initialisation.
+        split_zero_init: add ``zero-readout-only`` and ``zero-query-only``: one of the two at zero.
         tune_mults: add ``tuned-mults``: these multipliers tuned at the base width.
         tune_roles: add ``tuned-roles``: every role's lr multiplier tuned at the base width.
         betas: add ``beta=B`` per value: SP and muP with that schedule-free momentum.
@@ -170,6 +172,9 @@ def variants(no_zero_init: bool = False, tune_mults: Sequence[str] = (), tune_ro
     found = [Variant("default")]
     if no_zero_init:
         found.append(Variant("no-zero-init", mup=Knobs(zero_init=False)))
+    if split_zero_init:
+        found.append(Variant("zero-readout-only", mup=Knobs(zero_init="readout")))
+        found.append(Variant("zero-query-only", mup=Knobs(zero_init="query")))
     if tune_mults:
         found.append(Variant("tuned-mults", tune=tuple(dict.fromkeys(tune_mults))))
     if tune_roles:
@@ -344,7 +349,7 @@ def build_run(settings: StudySettings, study_data: StudyData, knobs: Knobs, widt
 def _key(values: dict[str, Any]) -> tuple:
     return tuple(repr(float(values[c])) if c in ("input_mult", "output_mult", "attn_mult", "beta", "eps", "lr")
                  else str(values[c]) if c == "role_lrs" else values[c] if c == "parametrization"
-                 else bool(values[c]) if c in ("zero_init", "scale_eps") else int(values[c])
+                 else str(values[c]) if c == "zero_init" else bool(values[c]) if c == "scale_eps" else int(values[c])
                  for c in _KEY_COLUMNS)
 
 
@@ -574,7 +579,7 @@ def run_study(settings: StudySettings, study_variants: Sequence[Variant], out: P
     for variant in study_variants:
         if settings.optimizer == "sgd" and (variant.mup.scale_eps or variant.mup.eps != Knobs().eps):
             raise ValueError(f"variant {variant.name!r}: eps knobs need an Adam optimizer, not sgd")
-        if settings.model != "transformer" and "attn" in variant.tune:
+        if settings.model != "transformer" and ("attn" in variant.tune or variant.mup.zero_init == "query"):
             raise ValueError(f"variant {variant.name!r}: the attention multiplier needs model='transformer'")
     store_path = None
     if out is not None:

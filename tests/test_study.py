@@ -124,9 +124,9 @@ def test_knob_variants_tune_their_multiplier_at_the_base_width_only():
 
 
 def test_variants_name_each_ablation_and_refuse_bad_values():
-    names = [v.name for v in study.variants(no_zero_init=True, tune_mults=["input", "attn"], tune_roles=True,
-                                            betas=[0.95], epsilons=[1e-4], scale_eps=True)]
-    assert names == ["default", "no-zero-init", "tuned-mults", "tuned-roles", "beta=0.95", "eps=0.0001",
+    names = [v.name for v in study.variants(no_zero_init=True, split_zero_init=True, tune_mults=["input", "attn"],
+                                            tune_roles=True, betas=[0.95], epsilons=[1e-4], scale_eps=True)]
+    assert names == ["default", "no-zero-init", "zero-readout-only", "zero-query-only", "tuned-mults", "tuned-roles", "beta=0.95", "eps=0.0001",
                      "eps=0.0001,scaled"]
     beta = study.variants(betas=[0.5])[1]
     assert beta.sp == Knobs("sp", beta=0.5) and beta.mup == Knobs(beta=0.5)  # the optimizer's knob changes SP too
@@ -164,6 +164,14 @@ def test_model_knobs_change_the_muP_model_only():
     torch.manual_seed(0)
     single = build_model("transformer", 32, "mup", max_seq_len=8, zero_init=False)
     assert not torch.equal(doubled(tokens), single(tokens))
+    torch.manual_seed(0)
+    readout_only = build_model("transformer", 32, "mup", max_seq_len=8, zero_init="readout")
+    assert not readout_only.readout.weight.any() and readout_only.blocks[0].attn.query.weight.any()
+    torch.manual_seed(0)
+    query_only = build_model("transformer", 32, "mup", max_seq_len=8, zero_init="query")
+    assert query_only.readout.weight.any() and not query_only.blocks[0].attn.query.weight.any()
+    with pytest.raises(ValueError, match="zero_init must be"):
+        build_model("transformer", 32, "mup", zero_init="keys")
     with pytest.raises(ValueError, match="muP knobs"):
         build_model("transformer", 32, "sp", zero_init=False)
     with pytest.raises(ValueError, match="input_mult must be a positive number"):
