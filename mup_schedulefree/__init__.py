@@ -21,6 +21,7 @@ from .optimizers import (
 )
 
 from .factories import (
+    MuAdamC_ScheduleFreePlus,
     MuAdamW_ScheduleFree,
     MuAdamW_ScheduleFreeClosure,
     MuAdamW_ScheduleFreePaper,
@@ -38,6 +39,7 @@ from .scaling import mu_param_groups
 from .training import eval_mode, load_checkpoint, recalibrate_batchnorm, save_checkpoint, state_dict_at_x
 
 __all__ = [
+    "MuAdamC_ScheduleFreePlus",
     "MuAdamW_ScheduleFree",
     "MuAdamW_ScheduleFreeClosure",
     "MuAdamW_ScheduleFreePaper",

@@ -17,6 +17,10 @@ class: that is the way to override.
 ``scale_eps=True`` (Adam rule only; default False, mup 1.0.0's groups) also scales each group's
 eps with width (:func:`mup_schedulefree.scaling.eps_scaling`), so that a base-width eps keeps its
 size relative to Adam's sqrt(v), whose entries shrink with width under muP. SGD factories refuse it.
+
+``MuAdamC_ScheduleFreePlus`` (ScheduleFree+) also weights each group's gradient L1 norm in the
+Polyak step size by its lr multiplier (``polyak="mup"``, :func:`mup_schedulefree.scaling.polyak_weight`),
+without which the step size shrinks like 1/width; ``polyak="global"`` keeps upstream's weights of 1.
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ import torch
 from torch.optim import Optimizer
 
 from .optimizers import (
+    AdamCScheduleFreePlus,
     AdamWScheduleFree,
     AdamWScheduleFreeClosure,
     AdamWScheduleFreePaper,
@@ -39,7 +44,8 @@ from .optimizers import (
     SGDScheduleFreeClosure,
     SGDScheduleFreeReference,
 )
-from .scaling import check_decay_lr_power, check_rule, check_scale_eps, grouping_guard, infer_rule, mu_param_groups
+from .scaling import (check_decay_lr_power, check_rule, check_scale_eps, grouping_guard, infer_rule, mu_param_groups,
+                      polyak_weight)
 from .validation import real_number
 
 InfShapes = Mapping[str, Any] | str | None
@@ -304,6 +310,56 @@ def MuSGD_ScheduleFreeReference(params: Any, impl: type = SGDScheduleFreeReferen
     return _mu_factory(MuSGD_ScheduleFreeReference, "sgd", params, impl, decoupled_wd, kwargs)
 
 
+POLYAK_RULES = ("mup", "global")
+
+
+def MuAdamC_ScheduleFreePlus(params: Any, impl: type = AdamCScheduleFreePlus, polyak: str = "mup",
+                             decoupled_wd: bool = False, scale_eps: bool = False, **kwargs: Any) -> Optimizer:
+    """ScheduleFree+ with muP scaling (Adam rule; AdamC's decay, coupled to lr squared, scaled by 1/lr_mult^2).
+
+    ScheduleFree+ multiplies every group's lr by one Polyak step size, max(0, f + ip) divided by
+    sqrt(pi/2) times the sum over groups of polyak_weight_G * |g_G|_1. Under muP the hidden
+    groups' L1 norms grow like the width, so with weights of 1 (upstream's rule) the step size
+    shrinks like 1/width and takes muP's lrs with it. ``polyak="mup"`` weights each group by its
+    lr multiplier (:func:`mup_schedulefree.scaling.polyak_weight`; derivation in
+    :mod:`mup_schedulefree.optimizers.adamc_plus`), which keeps the step size width-independent;
+    at the base width every weight is 1, upstream's step. Every group records the choice as
+    ``mup_polyak``, and a state dict saved with the other choice is refused.
+
+    Example::
+
+        mup.set_base_shapes(model, base_model, delta=delta_model)
+        opt = MuAdamC_ScheduleFreePlus(model.named_parameters(), lr=1.0, c_warmup=100)
+        loss = loss_fn(model(inputs), targets); loss.backward()
+        opt.step(function_value=loss)
+
+    Args:
+        params: parameters, ``named_parameters()``, or group dicts of either (a group's own
+            ``polyak_weight`` is multiplied by its lr multiplier under ``polyak="mup"``).
+        impl: :class:`AdamCScheduleFreePlus` (default) or :class:`AdamCScheduleFreePlusPaper`.
+        polyak: "mup" (each group's Polyak weight is its lr multiplier) or "global" (every
+            weight 1: upstream's denominator, which breaks muP; kept for comparison).
+        decoupled_wd: weight decay that does not scale with lr is left unscaled.
+        scale_eps: also scale eps with width (see :func:`MuAdamW_ScheduleFree`). Default False.
+        **kwargs: ``infshapes``, ``decay_lr_power`` (see :func:`mu_optimizer`) and ``impl``'s arguments.
+
+    Returns:
+        The optimizer.
+
+    Raises:
+        TypeError, ValueError: as :func:`MuAdamW_ScheduleFree`; ValueError naming ``polyak`` for
+            any other value than "mup" or "global", before ``params`` is read.
+    """
+    if not isinstance(polyak, str) or polyak not in POLYAK_RULES:
+        raise ValueError(f"Invalid polyak: {polyak!r} (must be one of {POLYAK_RULES})")
+    optimizer = _mu_factory(MuAdamC_ScheduleFreePlus, "adam", params, impl, decoupled_wd,
+                            dict(kwargs, scale_eps=scale_eps))
+    for group in optimizer.param_groups:
+        group.update(polyak_weight=polyak_weight(group) if polyak == "mup" else group.get("polyak_weight", 1.0),
+                     mup_polyak=polyak)
+    return optimizer
+
+
 def MuScheduleFreeWrapper(
     params: Any,
     base_impl: type = torch.optim.Adam,
@@ -431,4 +487,4 @@ def _mu_wrapper(wrapper_cls: type, params: Any, base_impl: type, rule: str | Non
 
 FACTORIES = (MuAdamW_ScheduleFree, MuRAdam_ScheduleFree, MuSGD_ScheduleFree, MuAdamW_ScheduleFreeClosure,
              MuRAdam_ScheduleFreeClosure, MuSGD_ScheduleFreeClosure, MuAdamW_ScheduleFreeReference,
-             MuSGD_ScheduleFreeReference, MuAdamW_ScheduleFreePaper)
+             MuSGD_ScheduleFreeReference, MuAdamW_ScheduleFreePaper, MuAdamC_ScheduleFreePlus)

@@ -76,6 +76,10 @@ y after 6 steps of MuAdamW_ScheduleFree, lr 0.01, eps 1e-8, seeds 0 and 1; gradi
 
 Everett et al. 2024 (arXiv 2407.05872) measure the same effect and scale eps per layer;
 Megatron-LM's muP scales eps for hidden matrix-like parameters.
+
+ScheduleFree+'s Polyak step size divides by the gradient's L1 norm summed over groups, each
+weighted by its ``polyak_weight``; under muP a group's weight is its lr multiplier
+(:func:`polyak_weight`), which keeps that sum, and so the step size, width-independent.
 """
 from __future__ import annotations
 
@@ -165,6 +169,24 @@ class Scaling(NamedTuple):
         """
         check_decay_lr_power("decay_lr_power", decay_lr_power)
         return apply_power(weight_decay, self.key, -decay_lr_power * self.exponent)
+
+
+def polyak_weight(group: Mapping[str, Any]) -> float:
+    """ScheduleFree+'s Polyak weight of a muP group: its ``polyak_weight`` (default 1) times its lr multiplier.
+
+    Why: Adam's update is about sign-like, so a group's first-order loss decrease is about
+    lr_G * |g_G|_1, which muP keeps width-independent; the group's L1 norm weighted by its lr
+    multiplier is therefore width-independent too, whereas the hidden groups' plain L1 norms grow
+    like the width (derivation in :mod:`mup_schedulefree.optimizers.adamc_plus`). At the base width
+    every multiplier is 1 and the weights are the group's own.
+
+    Args:
+        group: a group built by :func:`mu_param_groups` (it records ``mup_lr_mult``).
+
+    Returns:
+        The weight of the group's gradient L1 norm in the Polyak denominator.
+    """
+    return group.get("polyak_weight", 1.0) * group["mup_lr_mult"]
 
 
 class EpsScaling(NamedTuple):
@@ -418,22 +440,28 @@ def mu_param_groups(
     return new_groups
 
 
-GROUP_SIGNATURE = ("mup_rule", "mup_role", "mup_lr_mult", "mup_wd_mult", "mup_eps_mult")
-#: Signature keys a state dict saved before they existed lacks, with the value that meant then.
-SIGNATURE_DEFAULTS = {"mup_eps_mult": None}
+GROUP_SIGNATURE = ("mup_rule", "mup_role", "mup_lr_mult", "mup_wd_mult", "mup_eps_mult", "mup_polyak")
+#: Signature keys a state dict saved before they existed lacks (or a group that has none of its
+#: kind: ``mup_polyak`` is ScheduleFree+'s), with the value that means.
+SIGNATURE_DEFAULTS = {"mup_eps_mult": None, "mup_polyak": None}
 
 
 def _eps_scaled(groups: Sequence[dict[str, Any]]) -> bool:
     return any(group.get("mup_eps_mult") is not None for group in groups)
 
 
+def _polyak_rule(groups: Sequence[dict[str, Any]]) -> str | None:
+    return next((group["mup_polyak"] for group in groups if group.get("mup_polyak") is not None), None)
+
+
 def check_same_grouping(saved_groups: Sequence[dict[str, Any]], groups: Sequence[dict[str, Any]]) -> None:
     """Raise ValueError unless saved muP groups line up with the current ones.
 
-    Compares whether eps was width-scaled (``scale_eps``), then, group by group, the muP
-    signature, the parameter count and (when both sides have them) the parameter names, so that
-    optimizer state is never attached to the wrong parameter. A state dict saved before groups
-    recorded ``mup_eps_mult`` counts as saved without ``scale_eps``.
+    Compares whether eps was width-scaled (``scale_eps``) and ScheduleFree+'s Polyak weighting
+    (``polyak``, recorded as ``mup_polyak``), then, group by group, the muP signature, the
+    parameter count and (when both sides have them) the parameter names, so that optimizer state
+    is never attached to the wrong parameter. A state dict saved before groups recorded
+    ``mup_eps_mult`` counts as saved without ``scale_eps``.
 
     Args:
         saved_groups: ``state_dict()["param_groups"]`` of the saved optimizer.
@@ -446,6 +474,12 @@ def check_same_grouping(saved_groups: Sequence[dict[str, Any]], groups: Sequence
         raise ValueError(
             f"state_dict was saved with scale_eps={_eps_scaled(saved_groups)} but this muP optimizer has "
             f"scale_eps={_eps_scaled(groups)}: build it with the same scale_eps to load it"
+        )
+    polyak = [_polyak_rule(side) for side in (saved_groups, groups)]
+    if polyak[0] != polyak[1]:
+        raise ValueError(
+            f"state_dict was saved with polyak={polyak[0]!r} but this muP optimizer has polyak={polyak[1]!r}: "
+            "build it with the same polyak to load it"
         )
     if len(saved_groups) != len(groups):
         raise ValueError(
@@ -544,6 +578,7 @@ __all__ = [
     "Scaling",
     "EpsScaling",
     "eps_scaling",
+    "polyak_weight",
     "check_scale_eps",
     "check_rule",
     "check_decay_lr_power",

@@ -368,6 +368,7 @@ class _PolyakShell(Modes, Optimizer):
 
     mup_rule = "adam"   # the muP scaling rule (see scaling.py) that fits this update
     decay_lr_power = 2  # the decay is multiplied by lr_k^2 (AdamC)
+    needs_function_value = True  # step() needs the loss: step(function_value=loss) (coord_checks reads this)
     _state_keys: tuple[str, ...] = ()
 
     def __init__(self, params: Iterable[Any], lr: float | torch.Tensor = 1.0,
