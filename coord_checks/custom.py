@@ -505,7 +505,7 @@ def check_model(
         widths: at least two distinct widths.
         data: ``"text"``, ``"module:function"`` or a function ``(n_batches, split) -> batches``.
         loss: ``"cross_entropy"``, ``"mse"``, ``"module:function"`` or ``(output, targets) -> loss``.
-        optimizer: ``"adamw"``, ``"sgd"``, ``"radam"`` or ``"wrapper"`` (its ``Mu*`` factory).
+        optimizer: a name of ``coord_checks.optimizers.OPTIMIZER_NAMES`` (its muP factory).
         lr: base-width learning rate (default ``coord_checks.optimizers.DEFAULT_LRS``).
         steps: recorded steps, step 1 being the initialisation (default 4, 10 for radam).
         horizon: instead of ``steps``: train this many steps, record log-spaced ones and judge each

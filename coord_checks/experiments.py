@@ -42,7 +42,8 @@ TRANSFER_WIDTHS: dict[str, tuple[int, ...]] = {"mlp": (64, 256, 1024), "transfor
 DEFAULT_BATCH_SIZES: dict[str, int] = {"mlp": 32, "cnn": 32, "transformer": 16}
 #: Recorded steps of the default check; RAdam takes no step during its first few (silent SGD
 #: phase while its variance estimate is unreliable), so it needs more.
-DEFAULT_STEPS: dict[str, int] = {"adamw": 4, "sgd": 4, "radam": 10, "wrapper": 4}
+DEFAULT_STEPS: dict[str, int] = {"adamw": 4, "sgd": 4, "radam": 10, "wrapper": 4, "adamc-plus": 4,
+                                 "adamc-plus-naive": 4}
 #: Learning rates that differ from ``DEFAULT_LRS`` for one model.
 _LR_OVERRIDES: dict[tuple[str, str], float] = {("transformer", "sgd"): 1.0}
 BATCH_MODES: tuple[str, ...] = ("fixed", "streaming")
@@ -221,7 +222,7 @@ def run_coord_check(
 
     Args:
         model: ``"mlp"``, ``"cnn"`` or ``"transformer"``.
-        optimizer: ``"adamw"``, ``"sgd"``, ``"radam"`` or ``"wrapper"``.
+        optimizer: a name of ``coord_checks.optimizers.OPTIMIZER_NAMES``.
         widths: model widths (default ``DEFAULT_WIDTHS[model]``).
         steps: recorded steps, step 1 being the initialisation (default ``DEFAULT_STEPS``).
         seeds: initialisation seeds.
@@ -294,7 +295,7 @@ def run_transfer(
 
     Args:
         model: ``"mlp"`` or ``"transformer"``.
-        optimizer: ``"adamw"``, ``"sgd"``, ``"radam"`` or ``"wrapper"``.
+        optimizer: a name of ``coord_checks.optimizers.OPTIMIZER_NAMES``.
         widths: model widths (default ``TRANSFER_WIDTHS[model]``).
         lrs: learning-rate grid (default ``default_lr_grid(model, optimizer)``).
         seeds: initialisation seeds.

@@ -8,6 +8,11 @@ Each choice maps to two factories ``params -> optimizer``:
 
 ``wrapper`` wraps ``torch.optim.Adam`` with ``betas=(0.0, 0.999)`` in ``ScheduleFreeWrapper``
 (momentum 0.9): the wrapper supplies the momentum, so the base optimizer has none.
+
+``adamc-plus`` is ScheduleFree+ (``AdamCScheduleFreePlus``; its lr multiplies the Polyak step
+size); under muP, ``MuAdamC_ScheduleFreePlus`` with each group's Polyak weight its lr multiplier.
+``adamc-plus-naive`` is the same under muP with every Polyak weight 1 (``polyak="global"``,
+upstream's rule, which shrinks the step size like 1/width); in SP the two are the same optimizer.
 """
 from __future__ import annotations
 
@@ -22,11 +27,14 @@ from coord_checks.models import check_parametrization
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
-OPTIMIZER_NAMES: tuple[str, ...] = ("adamw", "sgd", "radam", "wrapper")
+OPTIMIZER_NAMES: tuple[str, ...] = ("adamw", "sgd", "radam", "wrapper", "adamc-plus", "adamc-plus-naive")
 #: Base-width learning rates at which standard parametrization visibly breaks width-independence
 #: within a few steps while muP does not (the checks compare, they do not tune). The Transformer
-#: check uses 1.0 for SGD (see ``coord_checks.experiments.default_lr``).
-DEFAULT_LRS: dict[str, float] = {"adamw": 1e-2, "sgd": 0.5, "radam": 1e-2, "wrapper": 1e-2}
+#: check uses 1.0 for SGD (see ``coord_checks.experiments.default_lr``). ScheduleFree+'s lr is a
+#: multiplier on its Polyak step size (upstream's default 1.0).
+DEFAULT_LRS: dict[str, float] = {"adamw": 1e-2, "sgd": 0.5, "radam": 1e-2, "wrapper": 1e-2,
+                                 "adamc-plus": 1.0, "adamc-plus-naive": 1.0}
+_POLYAK = {"adamc-plus": "mup", "adamc-plus-naive": "global"}
 _WRAPPER_BASE_KWARGS: dict[str, Any] = {"betas": (0.0, 0.999)}
 
 
@@ -51,7 +59,7 @@ def optimizer_factory(
     """A ``params -> optimizer`` factory for a named schedule-free optimizer.
 
     Args:
-        name: ``"adamw"``, ``"sgd"``, ``"radam"`` or ``"wrapper"``.
+        name: one of ``OPTIMIZER_NAMES``.
         parametrization: ``"mup"`` (muP factory) or ``"sp"`` (plain optimizer).
         lr: learning rate (default ``DEFAULT_LRS[name]``); under muP it is the base-width rate.
         **kwargs: further optimizer arguments (for ``wrapper``: arguments of the base Adam).
@@ -80,6 +88,14 @@ def optimizer_factory(
             return msf.ScheduleFreeWrapper(torch.optim.Adam(params, lr=lr, **base_kwargs))
 
         return make_wrapper
+
+    if name in _POLYAK:
+        def make_plus(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+            if mup:
+                return msf.MuAdamC_ScheduleFreePlus(params, polyak=_POLYAK[name], lr=lr, **kwargs)
+            return msf.AdamCScheduleFreePlus(params, lr=lr, **kwargs)
+
+        return make_plus
 
     mup_factory, plain = {
         "adamw": (msf.MuAdamW_ScheduleFree, msf.AdamWScheduleFree),

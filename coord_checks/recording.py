@@ -171,6 +171,22 @@ def rng_devices(device: torch.device) -> list[int]:
     return []
 
 
+def take_step(optimizer: torch.optim.Optimizer, loss: Tensor) -> None:
+    """``optimizer.step()``, or ``optimizer.step(function_value=loss)`` for an optimizer whose step needs the loss.
+
+    An optimizer says it needs the loss with a true class attribute ``needs_function_value``
+    (ScheduleFree+, whose Polyak step size is computed from it).
+
+    Args:
+        optimizer: the optimizer, its gradients computed.
+        loss: the loss those gradients come from (at the current parameters).
+    """
+    if getattr(optimizer, "needs_function_value", False):
+        optimizer.step(function_value=loss.detach())
+    else:
+        optimizer.step()
+
+
 def forward_at_x(model: nn.Module, optimizer: torch.optim.Optimizer, inputs: Tensor) -> Tensor:
     """One forward pass at the schedule-free evaluation point x, leaving training untouched.
 
@@ -231,8 +247,9 @@ def _train_and_record(
         if step == steps:
             break
         optimizer.zero_grad(set_to_none=True)
-        loss_fn(output, targets).backward()
-        optimizer.step()
+        loss = loss_fn(output, targets)
+        loss.backward()
+        take_step(optimizer, loss)
     return rows
 
 
@@ -262,7 +279,8 @@ def record_coords(
         model_factory: ``width -> model`` with base shapes already set (see
             ``coord_checks.models.build_model``), on the CPU or on ``device``.
         optimizer_factory: ``params -> optimizer``, e.g. ``lambda p: MuAdamW_ScheduleFree(p,
-            lr=1e-2)``; it must have ``train()``/``eval()`` to record the x sequence.
+            lr=1e-2)``; it must have ``train()``/``eval()`` to record the x sequence. An
+            optimizer whose step needs the loss gets it (see ``take_step``).
         widths: at least two distinct positive widths.
         batches: ``(inputs, targets)`` pairs; step ``t`` uses ``batches[(t - 1) % len(batches)]``,
             so one batch gives a fixed batch and ``steps`` batches a stream.

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from coord_checks.data import Batch
-from coord_checks.recording import check_widths, rng_devices
+from coord_checks.recording import check_widths, rng_devices, take_step
 
 logger = logging.getLogger(__name__)
 
@@ -149,7 +149,8 @@ def train_and_evaluate_sets(
 
     Args:
         model: the network, on the batches' device.
-        optimizer: a schedule-free optimizer in train mode (left in eval mode at the end).
+        optimizer: a schedule-free optimizer in train mode (left in eval mode at the end); one
+            whose step needs the loss gets it (see ``coord_checks.recording.take_step``).
         train_batches: step ``t`` uses ``train_batches[t % len(train_batches)]``.
         eval_sets: ``{name: held-out batches}``, each averaged on its own.
         loss_fn: ``(model_output, targets) -> scalar loss``.
@@ -182,7 +183,7 @@ def train_and_evaluate_sets(
         losses.append(loss.detach())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
+        take_step(optimizer, loss)
         if step + 1 not in targets:
             continue
         tail = max(1, (step + 1) // 4)
