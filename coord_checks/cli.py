@@ -1,4 +1,4 @@
-"""Command line: ``python -m coord_checks`` (coordinate check) and ``python -m coord_checks transfer``.
+"""Command line: ``python -m coord_checks`` (coordinate check), ``transfer``, ``diagnose`` and ``study``.
 
 The check trains each example model in standard parametrization and in muP with the same
 schedule-free optimizer and base-width learning rate, writes the recording frame (CSV), the
@@ -6,7 +6,9 @@ verdict table (CSV) and a figure (PNG) to the output folder, prints the verdict,
 when the muP run passes, 1 when it fails (the SP run is expected to fail: it is the contrast).
 
 The transfer sweep writes the sweep frame, the fitted optima (CSV) and a figure (PNG), and prints
-the optimum per width and its drift across widths.
+the optimum per width and its drift across widths. The study (``coord_checks.study``) runs muP tuned
+at the smallest width against SP tuned at every width, appending every finished run to
+``study_runs.csv`` so that it resumes, and writes the summary, the drift and a figure per horizon.
 
 Every failure the user can cause ends with one ``prog: error: ...`` line on stderr naming the
 flag, and exit status 2: bad arguments, a device that cannot compute, an output folder that cannot
@@ -147,7 +149,8 @@ def build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser, a
         prog=PROG,
         description="Coordinate check of a schedule-free optimizer in standard parametrization vs "
                     "muP. Run 'python -m coord_checks transfer --help' for the learning-rate sweep, "
-                    "'python -m coord_checks diagnose --help' to find the parameter group that breaks it.",
+                    "'python -m coord_checks diagnose --help' to find the parameter group that breaks it, "
+                    "'python -m coord_checks study --help' to compare muP tuned small with SP tuned at every width.",
     )
     _add_common(check, MODEL_NAMES, seeds=(0, 1, 2))
     length = check.add_mutually_exclusive_group()
@@ -761,7 +764,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Args:
         argv: arguments without the program name (default ``sys.argv[1:]``). A first argument
-            ``transfer`` selects the sweep, ``diagnose`` the per-role sweep; ``check`` (or nothing)
+            ``transfer`` selects the sweep, ``diagnose`` the per-role sweep, ``study`` the muP-vs-SP
+            study; ``check`` (or nothing)
             the coordinate check.
 
     Returns:
