@@ -44,9 +44,10 @@ from .optimizers import (
     SGDScheduleFreeClosure,
     SGDScheduleFreeReference,
 )
-from .scaling import (check_decay_lr_power, check_rule, check_scale_eps, grouping_guard, infer_rule, mu_param_groups,
-                      polyak_weight)
-from .validation import real_number
+from .optimizers.composite import ComposedOptimizer
+from .scaling import (check_adjust_lr_fn, check_decay_lr_power, check_rule, check_scale_eps, grouping_guard, infer_rule,
+                      mu_param_groups, polyak_weight, resolve_infshapes, split_hidden_matrices)
+from .validation import check_count, check_range, real_number
 
 InfShapes = Mapping[str, Any] | str | None
 
@@ -109,6 +110,14 @@ def _base_value(impl: type, kwargs: Mapping[str, Any], name: str, fallback: Any)
     return value
 
 
+def _adjust_lr_fn(impl: type, kwargs: Mapping[str, Any], rule: str) -> str | None:
+    """Muon's ``adjust_lr_fn`` that the "muon" rule must cancel: from ``kwargs``, else ``impl``'s
+    default; None under the other rules (they have no such factor)."""
+    if rule != "muon":
+        return None
+    return kwargs["adjust_lr_fn"] if "adjust_lr_fn" in kwargs else _default(impl, "adjust_lr_fn", None)
+
+
 def mu_optimizer(
     params: Any,
     impl: type,
@@ -125,7 +134,8 @@ def mu_optimizer(
     Args:
         params: parameters, ``named_parameters()``, or group dicts of either.
         impl: optimizer class constructed as ``impl(groups, **kwargs)``.
-        rule: muP rule, "adam" or "sgd" (see :mod:`mup_schedulefree.scaling`).
+        rule: muP rule, "adam", "sgd" or "muon" (see :mod:`mup_schedulefree.scaling`; under "muon"
+            the multiplier cancels ``impl``'s ``adjust_lr_fn``, read from ``kwargs`` or its default).
         decoupled_wd: the optimizer's decay does not scale with lr, so weight decay is not rescaled.
         decay_lr_power: power q of lr in the optimizer's decay step (1, 2, or 0); overrides the
             ``decay_lr_power`` attribute of ``impl`` (default 1).
@@ -154,7 +164,7 @@ def mu_optimizer(
     power = _decay_lr_power(impl, decoupled_wd, decay_lr_power)
     eps = _base_eps(impl, kwargs, scale_eps)
     groups = mu_param_groups(params, rule, lr=float(lr), decay_keys=decay, decay_lr_power=power, infshapes=infshapes,
-                             scale_eps=scale_eps, eps=eps)
+                             scale_eps=scale_eps, eps=eps, adjust_lr_fn=_adjust_lr_fn(impl, kwargs, rule))
     optimizer = impl(groups, **kwargs)
     grouping_guard(optimizer)
     return optimizer
@@ -180,6 +190,8 @@ def _factory_for(impl: type, impl_rule: str, factory: Callable[..., Optimizer]) 
     for candidate in FACTORIES:
         if issubclass(impl, inspect.signature(candidate).parameters["impl"].default):
             return candidate.__name__
+    if impl_rule == "muon":
+        return "MuMuon_ScheduleFree"
     form = factory.__name__.rsplit("ScheduleFree", 1)[1]
     name = {"adam": "MuAdamW_ScheduleFree", "sgd": "MuSGD_ScheduleFree"}[impl_rule] + form
     return name if name in {candidate.__name__ for candidate in FACTORIES} else name[:len(name) - len(form)]
@@ -385,7 +397,7 @@ def MuScheduleFreeWrapper(
     Args:
         params: parameters, ``named_parameters()``, or group dicts of either.
         base_impl: the base optimizer class (default ``torch.optim.Adam``).
-        rule: muP rule "adam" or "sgd"; inferred for torch.optim classes, required otherwise.
+        rule: muP rule "adam", "sgd" or "muon"; inferred for torch.optim classes, required otherwise.
         weight_decay_at_y: decay at y at the base width (group key ``weight_decay_at_y`` overrides).
         momentum: the wrapper's interpolation coefficient, 0 < momentum < 1.
         weight_lr_power: power of the max lr in the averaging weight.
@@ -479,10 +491,124 @@ def _mu_wrapper(wrapper_cls: type, params: Any, base_impl: type, rule: str | Non
              "weight_decay_at_y": wrapper_kwargs["weight_decay_at_y"]}
     eps = _base_eps(base_impl, base_kwargs, scale_eps)
     groups = mu_param_groups(params, rule, lr=float(lr), decay_keys=decay, decay_lr_power=power, infshapes=infshapes,
-                             scale_eps=scale_eps, eps=eps)
+                             scale_eps=scale_eps, eps=eps, adjust_lr_fn=_adjust_lr_fn(base_impl, base_kwargs, rule))
     wrapper = wrapper_cls(base_impl(groups, **base_kwargs), **wrapper_kwargs)
     grouping_guard(wrapper)
     return wrapper
+
+
+#: Group keys that only the Muon part reads, and the one only the AdamW part reads.
+MUON_GROUP_KEYS = ("lr", "adjust_lr_fn", "ns_steps")
+ADAM_GROUP_KEYS = ("adam_lr",)
+
+
+def MuMuon_ScheduleFree(
+    params: Any,
+    lr: float = 0.02,
+    adam_lr: float = 0.0025,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    adam_beta2: float = 0.999,
+    adam_eps: float = 1e-8,
+    adjust_lr_fn: str | None = None,
+    ns_steps: int = 5,
+    weight_lr_power: float = 2.0,
+    r: float = 0.0,
+    scale_eps: bool = False,
+    infshapes: InfShapes = None,
+) -> ComposedOptimizer:
+    """Schedule-free Muon on the hidden matrices and schedule-free AdamW on the rest, muP-scaled, as one optimizer.
+
+    Hidden matrices (2-D, both dimensions infinite) get :class:`ScheduleFreeWrapper` around
+    ``torch.optim.Muon`` under the "muon" rule (lr x sqrt(m_out / m_in) x adjust(A0, B0) /
+    adjust(A, B), see :mod:`mup_schedulefree.scaling`); everything else (embeddings, input and
+    readout weights, norms, biases) gets :class:`AdamWScheduleFree` under the "adam" rule. The two
+    are one :class:`ComposedOptimizer`: one ``train()``/``eval()``/``step()``/``state_dict()``, one
+    interpolation ``momentum`` (y = momentum x + (1 - momentum) z in both parts), one averaging
+    weight (lr^weight_lr_power in units of each group's own lr, so every group's average is the
+    same), and one weight decay, taken at y and multiplied by the group's lr in both parts.
+    Muon's own momentum and decay are off: the wrapper's interpolation provides the momentum.
+
+    Example::
+
+        mup.set_base_shapes(model, base_model, delta=delta_model)
+        opt = MuMuon_ScheduleFree(model.named_parameters(), lr=0.02, adam_lr=3e-3, weight_decay=0.1)
+
+    A params group's ``lr``, ``adjust_lr_fn`` and ``ns_steps`` apply to its hidden matrices,
+    ``adam_lr`` to its other parameters, ``weight_decay`` to both.
+
+    Args:
+        params: parameters, ``named_parameters()``, or group dicts of either; each needs an
+            ``infshape`` (``mup.set_base_shapes``) or an entry in ``infshapes``.
+        lr: Muon's base-width learning rate.
+        adam_lr: AdamW's base-width learning rate.
+        momentum: interpolation coefficient of both parts, 0 < momentum < 1.
+        weight_decay: base-width decay at y, multiplied by each group's lr.
+        adam_beta2: AdamW's second-moment decay, 0 <= adam_beta2 < 1.
+        adam_eps: AdamW's eps.
+        adjust_lr_fn: Muon's shape factor, None/"original" or "match_rms_adamw"; the "muon" rule
+            cancels it as muP requires.
+        ns_steps: Muon's Newton-Schulz iterations, 1 to 99.
+        weight_lr_power: power of the lr in the averaging weight.
+        r: polynomial weighting power of the average.
+        scale_eps: scale AdamW's eps with width (see :func:`MuAdamW_ScheduleFree`); Muon has no Adam eps.
+        infshapes: mapping name -> InfShape or mup base-shape file, for parameters without ``infshape``.
+
+    Returns:
+        The composed optimizer, its AdamW part first; each part refuses a state dict of another
+        muP grouping, and :meth:`ComposedOptimizer.add_param_group` splits and scales a new group
+        the same way.
+
+    Raises:
+        TypeError: a hyperparameter of the wrong type, or params of the wrong kind.
+        ValueError: a hyperparameter out of range or an unknown ``adjust_lr_fn`` (checked before
+            ``params`` is read), a parameter without an infshape, or params without a hidden
+            matrix or without any other parameter (use :func:`MuAdamW_ScheduleFree` then).
+    """
+    for name, value, low, high, low_open in (("lr", lr, 0.0, None, False), ("adam_lr", adam_lr, 0.0, None, False),
+                                             ("momentum", momentum, 0.0, 1.0, True),
+                                             ("weight_decay", weight_decay, 0.0, None, False),
+                                             ("adam_beta2", adam_beta2, 0.0, 1.0, False),
+                                             ("adam_eps", adam_eps, 0.0, None, False),
+                                             ("weight_lr_power", weight_lr_power, 0.0, None, False),
+                                             ("r", r, 0.0, None, False)):
+        check_range(name, value, low, high, low_open=low_open)
+    check_adjust_lr_fn("adjust_lr_fn", adjust_lr_fn)
+    check_count("ns_steps", ns_steps)
+    check_range("ns_steps", ns_steps, 1, 100)
+    check_scale_eps("scale_eps", scale_eps, "adam")
+    shapes = resolve_infshapes(infshapes)
+
+    def split(params: Any) -> list[list[dict[str, Any]]]:
+        """muP-scaled groups of (the AdamW part, the Muon part) for ``params``."""
+        matrices, others = split_hidden_matrices(params, shapes)
+        for group in matrices + others:
+            for key in ("lr", "adam_lr", "weight_decay"):
+                if key in group:
+                    check_range(key, group[key], 0.0)
+        adam_groups = [{("lr" if key == "adam_lr" else key): value for key, value in group.items()
+                        if key not in MUON_GROUP_KEYS} for group in others]
+        muon_groups = [{("weight_decay_at_y" if key == "weight_decay" else key): value for key, value in group.items()
+                        if key not in ADAM_GROUP_KEYS} for group in matrices]
+        return [mu_param_groups(adam_groups, "adam", lr=float(adam_lr), decay_keys={"weight_decay": weight_decay},
+                                infshapes=shapes, scale_eps=scale_eps, eps=adam_eps) if adam_groups else [],
+                mu_param_groups(muon_groups, "muon", lr=float(lr), decay_keys={"weight_decay_at_y": weight_decay},
+                                infshapes=shapes, adjust_lr_fn=adjust_lr_fn) if muon_groups else []]
+
+    adam_groups, muon_groups = split(params)
+    if not muon_groups or not adam_groups:
+        missing = ("hidden matrix (2-D, both dimensions infinite)" if not muon_groups
+                   else "parameter besides hidden matrices")
+        raise ValueError(f"Invalid params: no {missing}, so one of Muon and AdamW would have nothing to train; "
+                         "use MuAdamW_ScheduleFree (or mu_optimizer with torch.optim.Muon) instead")
+    adam = AdamWScheduleFree(adam_groups, lr=adam_lr, betas=(momentum, adam_beta2), eps=adam_eps,
+                             weight_decay=weight_decay, weight_lr_power=weight_lr_power, r=r)
+    muon = ScheduleFreeWrapper(torch.optim.Muon(muon_groups, lr=lr, weight_decay=0.0, momentum=0.0, nesterov=False,
+                                                adjust_lr_fn=adjust_lr_fn, ns_steps=ns_steps),
+                               weight_decay_at_y=weight_decay, momentum=momentum, weight_lr_power=weight_lr_power, r=r)
+    for part in (adam, muon):
+        grouping_guard(part)
+    return ComposedOptimizer([adam, muon], split=lambda group: split([group]))
 
 
 FACTORIES = (MuAdamW_ScheduleFree, MuRAdam_ScheduleFree, MuSGD_ScheduleFree, MuAdamW_ScheduleFreeClosure,

@@ -12,12 +12,19 @@ by a multiplier that depends only on that shape and on the optimizer's family:
         vector-like (1 infinite dim):  lr * width_mult
         fixed (no infinite dim):  unchanged
 
+    rule "muon" (orthogonalised updates: torch.optim.Muon, its schedule-free form; hidden
+                 matrices only, 2 infinite dims; everything else takes the "adam" rule)
+        matrix-like:  lr * sqrt(m_out / m_in) * adjust(A0, B0) / adjust(A, B)
+                      (derivation below; 1 for "original" when both dims grow alike,
+                      1 / sqrt(width_mult) for "match_rms_adamw")
+
 Weight decay has to follow how the optimizer couples it to the learning rate. If a step removes
 ``lr^q * weight_decay * p``, the decay per step is width-independent when weight_decay is scaled
 by ``lr_multiplier^(-q)``:
 
     q = 1  decay multiplied by lr: this package's and the published schedule-free optimizers
-           (decay at y), the wrapper's decay at y, torch's AdamW/SGD/Adam decay  -> x 1/lr_mult
+           (decay at y), the wrapper's decay at y, torch's AdamW/SGD/Adam decay, torch's
+           Muon (p <- p (1 - lr wd), with the group lr, not the shape-adjusted one)  -> x 1/lr_mult
     q = 2  decay multiplied by lr squared (AdamC-style corrected decay)          -> x 1/lr_mult^2
     q = 0  decay independent of lr (``decoupled_wd=True``)                       -> unchanged
 
@@ -77,12 +84,49 @@ y after 6 steps of MuAdamW_ScheduleFree, lr 0.01, eps 1e-8, seeds 0 and 1; gradi
 Everett et al. 2024 (arXiv 2407.05872) measure the same effect and scale eps per layer;
 Megatron-LM's muP scales eps for hidden matrix-like parameters.
 
+Muon's rule, from the spectral condition (Yang, Simon, Bernstein 2023, arXiv 2310.17813)
+
+A hidden matrix W of shape (A, B) = (fan-out, fan-in) maps inputs with Theta(1) entries to outputs
+with Theta(1) entries, and its update moves them by Theta(1), when its spectral norm and that of
+its update scale as ||dW||_op ~ sqrt(A / B). Relative to the base shape (A0, B0), where the lr was
+tuned, the update's spectral norm must therefore grow by sqrt((A / A0) / (B / B0)) =
+sqrt(m_out / m_in), m_out and m_in the width multipliers of fan-out and fan-in (1 when finite).
+
+torch.optim.Muon's step is W <- W - lr * adjust(A, B) * O, O the Newton-Schulz orthogonalisation
+of the (momentum) gradient: every singular value of O is about 1 whatever the shape, so
+||O||_op = Theta(1) and ||dW||_op = lr * adjust(A, B) * Theta(1). adjust is Muon's
+``adjust_lr_fn``:
+
+    "original" (None, the default):  adjust(A, B) = sqrt(max(1, A / B))
+    "match_rms_adamw":               adjust(A, B) = 0.2 * sqrt(max(A, B))
+
+Muon already multiplies by adjust at the current shape, so muP needs on top of it
+
+    lr_mult = sqrt(m_out / m_in) * adjust(A0, B0) / adjust(A, B)
+
+    "original":         sqrt(m_out / m_in) * sqrt(max(1, A0 / B0) / max(1, A / B))
+                        = 1 when fan-in and fan-out grow alike (A / B fixed): the default Muon
+                          is already muP for hidden matrices; sqrt(m_out / m_in) for wide
+                          matrices (A <= B at both shapes) whose dims grow apart, 1 for tall ones
+    "match_rms_adamw":  sqrt(m_out / m_in) * sqrt(max(A0, B0) / max(A, B))
+                        = 1 / sqrt(m) when both grow by m: matching AdamW's update RMS keeps
+                          the entries Theta(1), so the spectral norm, sqrt(max(A, B)) times the
+                          RMS for an orthogonal O, grows like sqrt(m) unless the lr shrinks
+
+(adjust is torch's own function, imported, not restated). Weight decay: Muon's step multiplies W
+by 1 - lr * wd with the group lr (the muP-scaled one, before adjust), decay coupled to lr with
+q = 1, so wd is scaled by 1 / lr_mult like AdamW's. Muon's eps is the orthogonalisation's
+normaliser, not Adam's: ``scale_eps`` does not apply. The rule covers hidden matrices only:
+embeddings, readout, norms and biases have no spectral constraint Muon's update meets and take
+the "adam" rule (:func:`mup_schedulefree.factories.MuMuon_ScheduleFree` splits a model so).
+
 ScheduleFree+'s Polyak step size divides by the gradient's L1 norm summed over groups, each
 weighted by its ``polyak_weight``; under muP a group's weight is its lr multiplier
 (:func:`polyak_weight`), which keeps that sum, and so the step size, width-independent.
 """
 from __future__ import annotations
 
+import math
 import numbers
 import os
 import sys
@@ -92,8 +136,11 @@ import torch
 
 from .validation import real_number
 
-RULES = ("adam", "sgd")
-ROLE_ORDER = {"adam": ("matrix-like", "vector-like"), "sgd": ("matrix-like", "vector-like", "fixed")}
+RULES = ("adam", "sgd", "muon")
+ROLE_ORDER = {"adam": ("matrix-like", "vector-like"), "sgd": ("matrix-like", "vector-like", "fixed"),
+              "muon": ("matrix-like",)}
+#: torch.optim.Muon's ``adjust_lr_fn`` settings (None means "original").
+ADJUST_LR_FNS = (None, "original", "match_rms_adamw")
 DECAY_LR_POWERS = (0, 1, 2)
 #: Adam's eps rule, by which of a parameter's dimensions are infinite, as (fan-out, fan-in) =
 #: (dim 0, any later dim): eps is multiplied by key ** exponent, with key the width multiplier of
@@ -119,6 +166,50 @@ def check_rule(name: str, rule: Any) -> None:
         raise ValueError(f"Invalid {name}: {rule!r} (must be one of {RULES})")
 
 
+def check_adjust_lr_fn(name: str, adjust_lr_fn: Any) -> None:
+    """Raise ValueError naming ``name`` unless ``adjust_lr_fn`` is one of :data:`ADJUST_LR_FNS`.
+
+    Args:
+        name: argument name shown in the message (e.g. ``"adjust_lr_fn"``).
+        adjust_lr_fn: the value supplied by the user.
+
+    Raises:
+        ValueError: any other value.
+    """
+    if not (adjust_lr_fn is None or (isinstance(adjust_lr_fn, str) and adjust_lr_fn in ADJUST_LR_FNS)):
+        raise ValueError(f"Invalid {name}: {adjust_lr_fn!r} (must be one of {ADJUST_LR_FNS})")
+
+
+def muon_lr_mult(infshape: Any, adjust_lr_fn: str | None = None, name: str = "parameter") -> float:
+    """muP's lr multiplier for torch.optim.Muon on a hidden matrix, on top of Muon's own ``adjust_lr_fn``.
+
+    sqrt(m_out / m_in) * adjust(A0, B0) / adjust(A, B), with (A, B) the current and (A0, B0) the
+    base (fan-out, fan-in) and adjust Muon's shape factor (derivation in the module docstring).
+
+    Args:
+        infshape: a ``mup.InfShape`` of a 2-D parameter with both dimensions infinite.
+        adjust_lr_fn: Muon's ``adjust_lr_fn``: None or "original", or "match_rms_adamw".
+        name: how to name the parameter in errors.
+
+    Returns:
+        The multiplier (exactly 1.0 at the base shape).
+
+    Raises:
+        ValueError: an unknown ``adjust_lr_fn``, or a parameter that is not a 2-D hidden matrix.
+    """
+    from torch.optim._muon import _adjust_lr
+
+    check_adjust_lr_fn("adjust_lr_fn", adjust_lr_fn)
+    if len(infshape) != 2 or infshape.ninf() != 2:
+        raise ValueError(
+            f"{name} has shape {infshape.shape()} with {infshape.ninf()} infinite dimensions: the 'muon' rule "
+            "covers hidden matrices (2-D, both dimensions infinite) only; give the others the 'adam' rule "
+            "(MuMuon_ScheduleFree splits a model this way)")
+    fan_out, fan_in = infshape
+    shape_ratio = _adjust_lr(1.0, adjust_lr_fn, infshape.base_shape()) / _adjust_lr(1.0, adjust_lr_fn, infshape.shape())
+    return math.sqrt(fan_out.width_mult() / fan_in.width_mult()) * shape_ratio
+
+
 def check_decay_lr_power(name: str, power: Any) -> None:
     """Raise ValueError naming ``name`` unless ``power`` is the int 0, 1 or 2.
 
@@ -142,7 +233,8 @@ class Scaling(NamedTuple):
 
     Attributes:
         role: "matrix-like", "vector-like" or "fixed" (mup's names).
-        key: the shape quantity that defines the group (width_mult or fan-in/fan-out ratio).
+        key: the shape quantity that defines the group (width_mult or fan-in/fan-out ratio;
+            under the "muon" rule the multiplier itself, with exponent +1).
         exponent: -1, 0 or +1.
     """
 
@@ -236,7 +328,7 @@ def eps_scaling(infshape: Any) -> EpsScaling:
 
 
 def check_scale_eps(name: str, scale_eps: Any, rule: str) -> None:
-    """Raise unless ``scale_eps`` is a bool, and False under the "sgd" rule (SGD has no eps).
+    """Raise unless ``scale_eps`` is a bool, and False under the "sgd" and "muon" rules (no Adam eps).
 
     Args:
         name: argument name shown in the message (e.g. ``"scale_eps"``).
@@ -245,28 +337,38 @@ def check_scale_eps(name: str, scale_eps: Any, rule: str) -> None:
 
     Raises:
         TypeError: ``scale_eps`` is not a bool.
-        ValueError: ``scale_eps`` is True under the "sgd" rule.
+        ValueError: ``scale_eps`` is True under the "sgd" or "muon" rule.
     """
     if not isinstance(scale_eps, bool):
         raise TypeError(f"Invalid {name}: {scale_eps!r} (must be True or False, got {type(scale_eps).__name__})")
     if scale_eps and rule == "sgd":
         raise ValueError(f"Invalid {name}: True (the 'sgd' rule's updates have no eps to scale; "
                          "only Adam-rule optimizers take scale_eps=True)")
+    if scale_eps and rule == "muon":
+        raise ValueError(f"Invalid {name}: True (Muon's eps normalises the orthogonalisation, it is not "
+                         "Adam's; only Adam-rule optimizers take scale_eps=True)")
 
 
-def parameter_scaling(infshape: Any, rule: str, name: str = "parameter") -> Scaling:
+def parameter_scaling(infshape: Any, rule: str, name: str = "parameter", adjust_lr_fn: str | None = None) -> Scaling:
     """The muP learning-rate scaling of a parameter with shape ``infshape`` under ``rule``.
 
     Args:
         infshape: a ``mup.InfShape`` (anything with ``ninf()``, ``width_mult()``,
             ``fanin_fanout_mult_ratio()``).
-        rule: "adam" or "sgd".
+        rule: "adam", "sgd" or "muon".
         name: how to name the parameter in errors.
+        adjust_lr_fn: Muon's ``adjust_lr_fn`` (read under the "muon" rule only).
 
     Returns:
         Its role, grouping key and lr exponent.
+
+    Raises:
+        ValueError: an unknown rule, more than 2 infinite dimensions, or (rule "muon") a parameter
+            that is not a hidden matrix or an unknown ``adjust_lr_fn``.
     """
     check_rule("rule", rule)
+    if rule == "muon":
+        return Scaling("matrix-like", muon_lr_mult(infshape, adjust_lr_fn, name), 1)
     ninf = infshape.ninf()
     if ninf > 2:
         raise ValueError(
@@ -351,6 +453,43 @@ def _infshape(p: torch.Tensor, name: str | None, index: int, infshapes: Mapping[
     return p.infshape
 
 
+def split_hidden_matrices(params: Any, infshapes: Mapping[str, Any] | str | os.PathLike | None = None
+                          ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Split every parameter group into its hidden matrices (the "muon" rule's) and the rest.
+
+    A hidden matrix is 2-D with both dimensions infinite; embeddings, input and readout weights,
+    norms and biases are the rest. Each incoming group gives at most one group to each side, with
+    the group's own keys; empty sides are left out.
+
+    Args:
+        params: parameters, (name, parameter) pairs, or group dicts holding either.
+        infshapes: a mapping name -> InfShape or a mup base-shape file, used instead of
+            ``p.infshape`` (requires named parameters).
+
+    Returns:
+        (groups of hidden matrices, groups of the other parameters), members as given.
+
+    Raises:
+        TypeError: params of the wrong kind.
+        ValueError: no parameters, or a parameter without an infshape.
+    """
+    shapes = resolve_infshapes(infshapes)
+    matrices: list[dict[str, Any]] = []
+    others: list[dict[str, Any]] = []
+    index = 0
+    for group in _normalise(params):
+        sides: tuple[list[Any], list[Any]] = ([], [])
+        for name, p in group["params"]:
+            infshape = _infshape(p, name, index, shapes)
+            index += 1
+            hidden = len(infshape) == 2 and infshape.ninf() == 2
+            sides[0 if hidden else 1].append(p if name is None else (name, p))
+        for members, out in zip(sides, (matrices, others)):
+            if members:
+                out.append({**group, "params": members})
+    return matrices, others
+
+
 def mu_param_groups(
     params: Any,
     rule: str,
@@ -361,6 +500,7 @@ def mu_param_groups(
     infshapes: Mapping[str, Any] | str | None = None,
     scale_eps: bool = False,
     eps: float | None = None,
+    adjust_lr_fn: str | None = None,
 ) -> list[dict[str, Any]]:
     """Split every parameter group by muP role and scale its lr and weight decay (and eps, if asked).
 
@@ -385,6 +525,8 @@ def mu_param_groups(
             so that eps keeps its size relative to sqrt(v) at every width. Default False: eps is
             left alone, as mup 1.0.0 does. Only under the "adam" rule.
         eps: base-width eps for groups that set none; required with ``scale_eps``.
+        adjust_lr_fn: under the "muon" rule, Muon's ``adjust_lr_fn`` for groups that set none
+            (a group's own ``adjust_lr_fn`` key wins, as it does in Muon's step).
 
     Returns:
         The new group dicts, ready for an optimizer constructor.
@@ -392,9 +534,10 @@ def mu_param_groups(
     Raises:
         TypeError: a non-number lr, decay or eps (argument or group entry), a non-bool
             ``scale_eps``, or params of the wrong kind.
-        ValueError: an unknown rule or decay_lr_power, ``scale_eps`` under the "sgd" rule or
-            without an eps, no parameters, or a parameter without an infshape. Every argument is
-            checked before any group is built.
+        ValueError: an unknown rule, decay_lr_power or adjust_lr_fn, ``scale_eps`` under the "sgd"
+            or "muon" rule or without an eps, no parameters, a parameter without an infshape, or
+            (rule "muon") one that is not a hidden matrix. Every argument is checked before any
+            group is built.
     """
     check_rule("rule", rule)
     real_number("lr", lr)
@@ -402,6 +545,7 @@ def mu_param_groups(
         real_number(key, default)
     check_decay_lr_power("decay_lr_power", decay_lr_power)
     check_scale_eps("scale_eps", scale_eps, rule)
+    check_adjust_lr_fn("adjust_lr_fn", adjust_lr_fn)
     if scale_eps:
         if eps is None:
             raise ValueError("Invalid eps: None (scale_eps=True needs the base-width eps)")
@@ -412,13 +556,16 @@ def mu_param_groups(
         for key in ("lr", *decay_keys, *(("eps",) if scale_eps else ())):
             if key in group:
                 real_number(f"{key} of params group {number}", group[key])
+        if rule == "muon" and "adjust_lr_fn" in group:
+            check_adjust_lr_fn(f"adjust_lr_fn of params group {number}", group["adjust_lr_fn"])
     new_groups: list[dict[str, Any]] = []
     index = 0
     for group in groups:
         buckets: dict[tuple[str, float, float | None], dict[str, Any]] = {}
         for name, p in group["params"]:
             infshape = _infshape(p, name, index, shapes)
-            scaling = parameter_scaling(infshape, rule, _name_of(index, name, p))
+            scaling = parameter_scaling(infshape, rule, _name_of(index, name, p),
+                                        group.get("adjust_lr_fn", adjust_lr_fn))
             eps_rule = eps_scaling(infshape) if scale_eps else None
             eps_mult = None if eps_rule is None else eps_rule.eps_mult
             index += 1
@@ -539,9 +686,10 @@ PUBLISHED_ADAM_LIKE = ("AdamWScheduleFree", "AdamWScheduleFreeClosure", "AdamWSc
 def infer_rule(optimizer_class: type) -> str | None:
     """The muP rule an optimizer class follows, or None when it is not known.
 
-    A class states its rule in a ``mup_rule`` attribute ("adam" or "sgd"), as this package's
-    optimizers do. Otherwise torch.optim's and the published ``schedulefree`` package's classes
-    are known: SGD-like ones follow "sgd", Adam-like ones (entrywise-normalised updates) "adam".
+    A class states its rule in a ``mup_rule`` attribute ("adam", "sgd" or "muon"), as this
+    package's optimizers do. Otherwise torch.optim's and the published ``schedulefree`` package's
+    classes are known: SGD-like ones follow "sgd", Adam-like ones (entrywise-normalised updates)
+    "adam", torch.optim.Muon "muon".
 
     Args:
         optimizer_class: an optimizer class.
@@ -569,11 +717,15 @@ def infer_rule(optimizer_class: type) -> str | None:
         return "sgd"
     if issubclass(optimizer_class, tuple(adam_like)):
         return "adam"
+    muon = getattr(optim, "Muon", None)
+    if muon is not None and issubclass(optimizer_class, muon):
+        return "muon"
     return None
 
 
 __all__ = [
     "RULES",
+    "ADJUST_LR_FNS",
     "EPS_RULE",
     "Scaling",
     "EpsScaling",
@@ -581,10 +733,13 @@ __all__ = [
     "polyak_weight",
     "check_scale_eps",
     "check_rule",
+    "check_adjust_lr_fn",
+    "muon_lr_mult",
     "check_decay_lr_power",
     "parameter_scaling",
     "apply_power",
     "mu_param_groups",
+    "split_hidden_matrices",
     "resolve_infshapes",
     "check_same_grouping",
     "grouping_guard",

@@ -80,6 +80,9 @@ class OptimInfo:
             counterpart (its primal, reference and wrapper forms start in eval mode).
         published_reads_group_decay: the published class reads ``decay_key`` per group.
         published_traps: names of the traps (module constants) the published counterpart exhibits.
+        composed: a :class:`ComposedOptimizer` of parts over disjoint parameters: the suite's
+            three groups become one per part and group, a step is atomic per part only, each part
+            checks a state dict on load in part order, and the Muon part takes no complex tensors.
     """
 
     name: str
@@ -95,6 +98,7 @@ class OptimInfo:
     published_factory: Callable[..., Any] | None = None
     published_reads_group_decay: bool = True
     published_traps: frozenset[str] = field(default_factory=frozenset)
+    composed: bool = False
 
     def make(self, params: Iterable[Any], config: dict[str, Any], **extra: Any) -> Optimizer:
         """Build the optimizer from ``config`` plus ``extra`` kwargs."""
@@ -155,6 +159,33 @@ def wrapper_factory(wrapper_cls: type, base: str, *, published_form: bool) -> Ca
     return factory
 
 
+def base_width_infshapes(params: Iterable[Any]) -> list[Any]:
+    """``params`` (tensors or group dicts) with an ``infshape`` on every tensor that has none: every
+    dimension infinite at width multiplier 1, so 2-D tensors are hidden matrices, 1-D ones vector-like."""
+    from mup.infshape import InfDim, InfShape
+
+    items = list(params)
+    groups = items if items and isinstance(items[0], dict) else [{"params": items}]
+    for group in groups:
+        for p in group["params"]:
+            if not hasattr(p, "infshape"):
+                p.infshape = InfShape([InfDim(size, size) for size in p.shape])
+    return items
+
+
+def muon_factory(params: Iterable[Any], **config: Any) -> Optimizer:
+    """:func:`MuMuon_ScheduleFree` at the base width: the suite's 2-D tensors take Muon, the others AdamW.
+
+    A group the suite adds later gets the same base-width infshapes before the optimizer splits it
+    (its tensors carry none, and a muP optimizer routes and scales by them).
+    """
+    opt = ours.MuMuon_ScheduleFree(base_width_infshapes(params), **config)
+    split = opt._split
+    opt._split = lambda group: split({**group, "params": base_width_infshapes(
+        [group["params"]] if isinstance(group["params"], torch.Tensor) else group["params"])})
+    return opt
+
+
 # ----------------------------------------------------------------------------- records
 _ADAMW_CONFIGS = (
     dict(lr=0.01, betas=(0.9, 0.999), weight_decay=0.01, warmup_steps=5, r=1.0),
@@ -178,6 +209,11 @@ _WRAPPER_SGD_CONFIGS = (
 _WRAPPER_ADAM_CONFIGS = (
     dict(lr=0.01, momentum=0.9, weight_decay_at_y=0.01, r=1.0),
     dict(lr=0.03, momentum=0.8),
+)
+
+_MUON_CONFIGS = (
+    dict(lr=0.02, adam_lr=0.01, momentum=0.9, weight_decay=0.01, r=1.0),
+    dict(lr=0.05, adam_lr=0.03, momentum=0.8, adjust_lr_fn="match_rms_adamw", weight_lr_power=0.0),
 )
 
 _COMMON_ERRORS = (
@@ -234,6 +270,19 @@ _WRAPPER_ERRORS = (
 )
 
 _WRAPPER_REFERENCE_ERRORS = tuple(e for e in _WRAPPER_ERRORS if "foreach" not in e.kwargs)
+_MUON_ERRORS = _COMMON_ERRORS[:7] + (
+    ErrorInput(dict(r=-1.0), "r", -1.0, in_group=False),
+    ErrorInput(dict(weight_lr_power=-2.0), "weight_lr_power", -2.0, in_group=False),
+    ErrorInput(dict(adam_lr=-1.0), "adam_lr", -1.0),
+    ErrorInput(dict(adam_lr="1e-2"), "adam_lr", "1e-2", error=TypeError),
+    ErrorInput(dict(momentum=1.0), "momentum", 1.0, in_group=False),
+    ErrorInput(dict(momentum=0.0), "momentum", 0.0, in_group=False),
+    ErrorInput(dict(adam_beta2=1.0), "adam_beta2", 1.0, in_group=False),
+    ErrorInput(dict(adam_eps=-1e-8), "adam_eps", -1e-8, in_group=False),
+    ErrorInput(dict(adjust_lr_fn="spectral"), "adjust_lr_fn", "spectral", in_group=False),
+    ErrorInput(dict(ns_steps=0), "ns_steps", 0, in_group=False),
+    ErrorInput(dict(ns_steps=2.5), "ns_steps", 2.5, in_group=False, error=TypeError),
+)
 
 _PRIMAL_TRAPS = frozenset({WRITES_GRAD, STARTS_IN_EVAL, NEW_GROUP_WRONG_MODE, WRONG_EVAL_ERROR})
 _CLOSURE_TRAPS = frozenset({WRITES_GRAD, TOUCHES_GRADLESS, DRIFTS_WHEN_FROZEN})
@@ -300,6 +349,8 @@ INFOS: tuple[OptimInfo, ...] = (
               flags=frozenset(), error_inputs=_WRAPPER_REFERENCE_ERRORS,
               published_factory=wrapper_factory(published.ScheduleFreeWrapperReference, "adam", published_form=True),
               published_reads_group_decay=False, published_traps=_WRAPPER_REFERENCE_TRAPS),
+    OptimInfo("MuMuon_ScheduleFree", muon_factory, _MUON_CONFIGS, beta_key="momentum", has_warmup=False,
+              flags=frozenset(), error_inputs=_MUON_ERRORS, composed=True),
 )
 
 MODAL_INFOS = tuple(info for info in INFOS if info.has_modes)

@@ -14,7 +14,7 @@ import torch
 from optim_infos import INFOS
 
 STEPS = 8
-OWN_STEP = [info for info in INFOS if not info.name.startswith("ScheduleFreeWrapper")]
+OWN_STEP = [info for info in INFOS if not info.name.startswith("ScheduleFreeWrapper") and not info.composed]
 
 
 def _gradients() -> list[torch.Tensor]:

@@ -27,7 +27,8 @@ BEFORE, AFTER = 6, 12
 RTOL = 1e-6
 # The published ScheduleFreeWrapper saves only its base's state (see README); its reference form
 # saves x, y and z with it, so that one switches.
-SWITCHABLE = [info for info in INFOS if info.name.split("-")[0] != "ScheduleFreeWrapper"]
+SWITCHABLE = [info for info in INFOS
+              if info.name.split("-")[0] != "ScheduleFreeWrapper" and info.published_factory is not None]
 OLD_STATE = Path(__file__).parent / "data" / "state_v0_1.pt"
 
 

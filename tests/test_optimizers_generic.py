@@ -254,9 +254,12 @@ def test_add_param_group_mid_run_matches_optimizer_created_then(info, make_two_t
         aux_group = lambda m: {"params": list(m.aux.parameters()), "lr": config["lr"] / 3}  # noqa: E731
         for i, (inputs, target) in enumerate(batches):
             if i == 10:
+                earlier = list(opt.param_groups)
                 opt.add_param_group(aux_group(model))
                 opt_aux = info.make([aux_group(oracle)], config)
-                assert set(opt.param_groups[-1]) == set(opt.param_groups[0]), "new group lacks default keys"
+                added = [g for g in opt.param_groups if not any(g is e for e in earlier)]
+                assert added and all(any(set(g) == set(e) for e in earlier) for g in added), \
+                    "new group lacks default keys"
             _step(info, opt, lambda: F.mse_loss(model.mlp(inputs), target) + F.mse_loss(model.aux(inputs), target))
             _step(info, opt_mlp, lambda: F.mse_loss(oracle.mlp(inputs), target))
             if opt_aux is not None:

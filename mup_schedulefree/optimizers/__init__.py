@@ -2,6 +2,7 @@
 from .adamc_plus import AdamCScheduleFreePlus, AdamCScheduleFreePlusPaper
 from .adamw import AdamWScheduleFree, AdamWScheduleFreeClosure
 from .adamw_paper import AdamWScheduleFreePaper
+from .composite import ComposedOptimizer
 from .radam import RAdamScheduleFree, RAdamScheduleFreeClosure
 from .reference import AdamWScheduleFreeReference, ScheduleFreeWrapperReference, SGDScheduleFreeReference
 from .sgd import SGDScheduleFree, SGDScheduleFreeClosure
@@ -14,6 +15,7 @@ __all__ = [
     "AdamWScheduleFreeClosure",
     "AdamWScheduleFreePaper",
     "AdamWScheduleFreeReference",
+    "ComposedOptimizer",
     "RAdamScheduleFree",
     "RAdamScheduleFreeClosure",
     "SGDScheduleFree",
