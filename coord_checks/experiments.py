@@ -43,7 +43,7 @@ DEFAULT_BATCH_SIZES: dict[str, int] = {"mlp": 32, "cnn": 32, "transformer": 16}
 #: Recorded steps of the default check; RAdam takes no step during its first few (silent SGD
 #: phase while its variance estimate is unreliable), so it needs more.
 DEFAULT_STEPS: dict[str, int] = {"adamw": 4, "sgd": 4, "radam": 10, "wrapper": 4, "adamc-plus": 4,
-                                 "adamc-plus-naive": 4}
+                                 "adamc-plus-naive": 4, "muon": 4, "muon-unscaled": 4}
 #: Learning rates that differ from ``DEFAULT_LRS`` for one model.
 _LR_OVERRIDES: dict[tuple[str, str], float] = {("transformer", "sgd"): 1.0}
 BATCH_MODES: tuple[str, ...] = ("fixed", "streaming")

@@ -13,6 +13,17 @@ Each choice maps to two factories ``params -> optimizer``:
 size); under muP, ``MuAdamC_ScheduleFreePlus`` with each group's Polyak weight its lr multiplier.
 ``adamc-plus-naive`` is the same under muP with every Polyak weight 1 (``polyak="global"``,
 upstream's rule, which shrinks the step size like 1/width); in SP the two are the same optimizer.
+
+``muon`` is ``MuMuon_ScheduleFree``: schedule-free Muon on the hidden matrices, schedule-free AdamW
+on the rest. Its lr is Muon's; the AdamW part keeps adamw's default lr (``adam_lr`` overrides), so
+a sweep moves Muon's lr alone. Muon runs with ``adjust_lr_fn="match_rms_adamw"``, where the "muon"
+rule's multiplier is 1 / sqrt(width_mult); under "original" it is 1 for matrices whose dims grow
+alike, and there would be nothing to contrast. Its update RMS matches AdamW's, but a low-rank
+gradient's orthogonalisation spreads it over few directions, so Muon needs a larger lr than
+AdamW to move the hidden layers as much within a few steps (0.3 here). ``muon-unscaled`` is the
+same with the Muon part's groups put back at the base-width lr and decay: the "muon" rule undone,
+everything else muP. In SP both follow torch's documented recipe: Muon on every 2-D parameter,
+AdamW on the others, the same two lrs.
 """
 from __future__ import annotations
 
@@ -27,15 +38,41 @@ from coord_checks.models import check_parametrization
 
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
-OPTIMIZER_NAMES: tuple[str, ...] = ("adamw", "sgd", "radam", "wrapper", "adamc-plus", "adamc-plus-naive")
+OPTIMIZER_NAMES: tuple[str, ...] = ("adamw", "sgd", "radam", "wrapper", "adamc-plus", "adamc-plus-naive", "muon",
+                                     "muon-unscaled")
 #: Base-width learning rates at which standard parametrization visibly breaks width-independence
 #: within a few steps while muP does not (the checks compare, they do not tune). The Transformer
 #: check uses 1.0 for SGD (see ``coord_checks.experiments.default_lr``). ScheduleFree+'s lr is a
 #: multiplier on its Polyak step size (upstream's default 1.0).
 DEFAULT_LRS: dict[str, float] = {"adamw": 1e-2, "sgd": 0.5, "radam": 1e-2, "wrapper": 1e-2,
-                                 "adamc-plus": 1.0, "adamc-plus-naive": 1.0}
+                                 "adamc-plus": 1.0, "adamc-plus-naive": 1.0, "muon": 0.3, "muon-unscaled": 0.3}
 _POLYAK = {"adamc-plus": "mup", "adamc-plus-naive": "global"}
 _WRAPPER_BASE_KWARGS: dict[str, Any] = {"betas": (0.0, 0.999)}
+_MUON_ADJUST = "match_rms_adamw"
+_MUON_ADAM_LR = DEFAULT_LRS["adamw"]  # the AdamW part's lr in the muon choices; their lr is Muon's
+
+
+def _muon(params: Iterable[nn.Parameter], mup: bool, scaled: bool, lr: float, kwargs: dict[str, Any]
+          ) -> torch.optim.Optimizer:
+    """The ``muon`` choices (see the module docstring)."""
+    if not mup:
+        params = list(params)
+        matrices = [p for p in params if p.ndim == 2]
+        others = [p for p in params if p.ndim != 2]
+        weight_decay = kwargs.get("weight_decay", 0.0)
+        parts = [msf.ScheduleFreeWrapper(torch.optim.Muon(matrices, lr=lr, weight_decay=0.0, momentum=0.0,
+                                                          nesterov=False, adjust_lr_fn=_MUON_ADJUST),
+                                         weight_decay_at_y=weight_decay)]
+        if others:
+            parts.insert(0, msf.AdamWScheduleFree(others, lr=kwargs.get("adam_lr", _MUON_ADAM_LR),
+                                                  weight_decay=weight_decay))
+        return msf.ComposedOptimizer(parts)
+    defaults = {"adam_lr": _MUON_ADAM_LR, "adjust_lr_fn": _MUON_ADJUST}
+    optimizer = msf.MuMuon_ScheduleFree(params, lr=lr, **{**defaults, **kwargs})
+    if not scaled:
+        for group in optimizer.parts[1].param_groups:
+            group.update(lr=lr, weight_decay_at_y=kwargs.get("weight_decay", 0.0))
+    return optimizer
 
 
 def check_optimizer_name(name: str) -> str:
@@ -88,6 +125,9 @@ def optimizer_factory(
             return msf.ScheduleFreeWrapper(torch.optim.Adam(params, lr=lr, **base_kwargs))
 
         return make_wrapper
+
+    if name in ("muon", "muon-unscaled"):
+        return lambda params: _muon(params, mup, name == "muon", lr, kwargs)
 
     if name in _POLYAK:
         def make_plus(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
