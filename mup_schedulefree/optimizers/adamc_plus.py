@@ -72,7 +72,7 @@ from .. import kernels
 from ..schedule import annealed_momentum, averaging_weight_c_warmup
 from ..validation import check_count, check_range, real_number
 from .base import (Modes, check_each_group, check_is_state_dict, check_saved_state, describe_parameter, local,
-                   real_view, train_mode_closure)
+                   real_view, stored_points_at_x, switch_stored_points, train_mode_closure)
 
 SQRT_HALF_PI = math.sqrt(math.pi / 2)  # the Polyak denominator's constant: 1 / E|u| for a standard Gaussian u
 
@@ -581,14 +581,8 @@ class AdamCScheduleFreePlusPaper(_PolyakShell):
         p.copy_(state["y"])
 
     def _switch(self, to_train: bool) -> None:
-        key = "y" if to_train else "x"
         self._align_state()
-        for group in self.param_groups:
-            if group["train_mode"] != to_train:
-                for p in group["params"]:
-                    if key in self.state.get(p, ()):
-                        p.copy_(self.state[p][key])
-                group["train_mode"] = to_train
+        switch_stored_points(self, to_train)
 
     @kernels.compile_disabled
     @torch.no_grad()
@@ -599,8 +593,7 @@ class AdamCScheduleFreePlusPaper(_PolyakShell):
             A dict mapping parameter -> its value at x; parameters not listed already hold x.
         """
         self._align_state()
-        return {p: self.state[p]["x"].clone() for group in self.param_groups if group["train_mode"]
-                for p in group["params"] if "x" in self.state.get(p, ())}
+        return stored_points_at_x(self)
 
 
 class AdamCScheduleFreePlus(_PolyakShell):

@@ -666,6 +666,40 @@ class ScheduleFreeCore(Optimizer):
                     self.state[p][key] = value.to(device=p.device, dtype=value.dtype, copy=True)
 
 
+def switch_stored_points(optimizer: Optimizer, to_train: bool, mode_key: str = "train_mode") -> None:
+    """For forms that store x and y: put each parameter's stored y (``to_train``) or x in it.
+
+    Only groups not yet in that mode move, and then take it; a parameter without stored points
+    (no step yet) keeps its value, which is then x and y at once.
+
+    Args:
+        optimizer: an optimizer whose state holds ``"x"`` and ``"y"`` per parameter.
+        to_train: True for train mode (y), False for eval mode (x).
+        mode_key: the group key of the mode.
+    """
+    key = "y" if to_train else "x"
+    for group in optimizer.param_groups:
+        if group[mode_key] != to_train:
+            for p in group["params"]:
+                if key in optimizer.state.get(p, ()):
+                    p.copy_(optimizer.state[p][key])
+            group[mode_key] = to_train
+
+
+def stored_points_at_x(optimizer: Optimizer, mode_key: str = "train_mode") -> dict[torch.Tensor, torch.Tensor]:
+    """For forms that store x: copies of the stored x of every parameter in a group in train mode.
+
+    Args:
+        optimizer: an optimizer whose state holds ``"x"`` per parameter.
+        mode_key: the group key of the mode.
+
+    Returns:
+        A dict mapping parameter -> its value at x; parameters not listed already hold x.
+    """
+    return {p: optimizer.state[p]["x"].clone() for group in optimizer.param_groups if group[mode_key]
+            for p in group["params"] if "x" in optimizer.state.get(p, ())}
+
+
 def train_mode_closure(optimizer: Optimizer, closure: Callable[[], Any] | None) -> Any:
     """Refuse a step outside train mode, then evaluate the closure with gradients enabled.
 

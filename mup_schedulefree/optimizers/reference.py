@@ -16,7 +16,8 @@ from .. import kernels
 from ..schedule import warmup_multiplier
 from .adamw import AdamWRule
 from .base import (SCHEDULE_DEFAULTS, ModalForm, advance_schedule, check_each_group, check_is_state_dict,
-                   check_saved_state, describe_parameter, real_view, share_lr_ratios, train_mode_closure)
+                   check_saved_state, describe_parameter, real_view, share_lr_ratios, stored_points_at_x,
+                   switch_stored_points, train_mode_closure)
 from .sgd import SGDRule
 from .wrapper import PREFIX, WrapperShell, check_plain_base, check_wrapper_group
 
@@ -33,13 +34,7 @@ class _ReferenceForm(ModalForm):
                 state[key] = value.to(device=p.device, dtype=p.dtype)
 
     def _switch(self, to_train: bool) -> None:
-        key = "y" if to_train else "x"
-        for group in self.param_groups:
-            if group["train_mode"] != to_train:
-                for p in group["params"]:
-                    if key in self.state.get(p, ()):
-                        p.copy_(self.state[p][key])
-                group["train_mode"] = to_train
+        switch_stored_points(self, to_train)
 
     @kernels.compile_disabled
     @torch.no_grad()
@@ -49,8 +44,7 @@ class _ReferenceForm(ModalForm):
         Returns:
             A dict mapping parameter -> its value at x (see :meth:`PrimalForm.points_at_x`).
         """
-        return {p: self.state[p]["x"].clone() for group in self.param_groups if group["train_mode"]
-                for p in group["params"] if "x" in self.state.get(p, ())}
+        return stored_points_at_x(self)
 
     def _direction(self, group: dict[str, Any], state: dict[str, torch.Tensor], grad: torch.Tensor,
                    k: int) -> torch.Tensor:
@@ -215,14 +209,8 @@ class ScheduleFreeWrapperReference(WrapperShell):
                         state[key] = value.to(device=p.device, dtype=p.dtype)
 
     def _switch(self, to_train: bool) -> None:
-        key = "y" if to_train else "x"
         self._align_state()
-        for group in self.param_groups:
-            if group[PREFIX + "train_mode"] != to_train:
-                for p in group["params"]:
-                    if key in self.state.get(p, ()):
-                        p.copy_(self.state[p][key])
-                group[PREFIX + "train_mode"] = to_train
+        switch_stored_points(self, to_train, PREFIX + "train_mode")
 
     @kernels.compile_disabled
     @torch.no_grad()
@@ -233,8 +221,7 @@ class ScheduleFreeWrapperReference(WrapperShell):
             A dict mapping parameter -> its value at x (see :meth:`PrimalForm.points_at_x`).
         """
         self._align_state()
-        return {p: self.state[p]["x"].clone() for group in self.param_groups if group[PREFIX + "train_mode"]
-                for p in group["params"] if "x" in self.state.get(p, ())}
+        return stored_points_at_x(self, PREFIX + "train_mode")
 
     def _check_before_step(self) -> None:
         """Raise, naming the group or parameter, before a step that could not complete; change nothing."""
