@@ -565,8 +565,9 @@ def run_study(settings: StudySettings, study_variants: Sequence[Variant], out: P
         device: where to train.
 
     Returns:
-        ``(runs, tuned)``: the frame of runs (``RUN_COLUMNS``) and each variant's muP knobs after
-        tuning at the base width.
+        ``(runs, tuned)``: the frame of this study's runs (``RUN_COLUMNS``; runs of other widths or
+        seeds that ``out`` holds are left out) and each variant's muP knobs after tuning at the
+        base width.
 
     Raises:
         ValueError: if ``out`` holds a study with other settings, a variant name repeats, or a
@@ -588,7 +589,8 @@ def run_study(settings: StudySettings, study_variants: Sequence[Variant], out: P
         store_path = out / "study_runs.csv"
     study = Study(settings, RunStore(store_path, settings.horizons), report, device)
     tuned = {variant.name: study.run_variant(variant) for variant in study_variants}
-    return study.store.frame(), tuned
+    runs = study.store.frame()  # the folder may hold runs of other widths or seeds: keep this study's
+    return runs[runs["width"].isin(settings.widths) & runs["seed"].isin(settings.seeds)].reset_index(drop=True), tuned
 
 
 def check_settings_file(path: Path, settings: StudySettings) -> None:

@@ -247,3 +247,12 @@ def test_the_eps_variants_reach_the_optimizer():
     hidden = [g for g in scaled.param_groups if g["mup_role"] == "matrix-like"][0]
     assert hidden["eps"] == pytest.approx(1e-4 / 2) and hidden["mup_eps_mult"] == pytest.approx(0.5)  # width_mult 2
     assert all(g["eps"] == 1e-4 and g["betas"] == (0.5, 0.999) for g in fixed.param_groups)
+
+
+def test_a_study_reads_only_its_own_widths_and_seeds_from_a_shared_folder(tmp_path):
+    study.run_study(StudySettings(**TINY), [Variant("default")], out=tmp_path)
+    one_seed = StudySettings(**{**TINY, "seeds": (0,)})
+    runs, tuned = study.run_study(one_seed, [Variant("default")], out=tmp_path)
+    assert set(runs["seed"]) == {0}  # the folder's seed-1 runs are left out
+    summary = study.summarize(runs, one_seed, tuned, [Variant("default")])
+    assert (summary["sp_test_std"] == 0).all() and (summary["gap_std"] == 0).all()
