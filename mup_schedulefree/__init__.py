@@ -21,6 +21,7 @@ from .optimizers import (
     SGDScheduleFreeReference,
 )
 
+from .depth import scale_residual_branches
 from .factories import (
     MuAdamC_ScheduleFreePlus,
     MuAdamW_ScheduleFree,
@@ -56,6 +57,7 @@ __all__ = [
     "MuScheduleFreeWrapperReference",
     "mu_optimizer",
     "mu_param_groups",
+    "scale_residual_branches",
     "eval_mode",
     "save_checkpoint",
     "load_checkpoint",

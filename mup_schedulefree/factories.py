@@ -18,6 +18,12 @@ class: that is the way to override.
 eps with width (:func:`mup_schedulefree.scaling.eps_scaling`), so that a base-width eps keeps its
 size relative to Adam's sqrt(v), whose entries shrink with width under muP. SGD factories refuse it.
 
+Every factory also takes ``depth_mult=`` (L / L_base), ``depth_alpha=`` (1 for CompleteP, 0.5
+for depth-muP) and ``block_prefix=`` (default "blocks."): parameters inside residual blocks then
+take the depth rule of :data:`mup_schedulefree.scaling.DEPTH_RULE` on top of the width rule; the
+model's residual branches must be multiplied by depth_mult ** -alpha
+(:func:`mup_schedulefree.depth.scale_residual_branches`). Default: no depth scaling.
+
 ``MuAdamC_ScheduleFreePlus`` (ScheduleFree+) also weights each group's gradient L1 norm in the
 Polyak step size by its lr multiplier (``polyak="mup"``, :func:`mup_schedulefree.scaling.polyak_weight`),
 without which the step size shrinks like 1/width; ``polyak="global"`` keeps upstream's weights of 1.
@@ -45,8 +51,9 @@ from .optimizers import (
     SGDScheduleFreeReference,
 )
 from .optimizers.composite import ComposedOptimizer
-from .scaling import (check_adjust_lr_fn, check_decay_lr_power, check_rule, check_scale_eps, grouping_guard, infer_rule,
-                      mu_param_groups, polyak_weight, resolve_infshapes, split_hidden_matrices)
+from .scaling import (BLOCK_PREFIX, check_adjust_lr_fn, check_decay_lr_power, check_depth, check_rule, check_scale_eps,
+                      grouping_guard, infer_rule, mu_param_groups, polyak_weight, resolve_infshapes,
+                      split_hidden_matrices)
 from .validation import check_count, check_range, real_number
 
 InfShapes = Mapping[str, Any] | str | None
@@ -127,6 +134,9 @@ def mu_optimizer(
     decay_lr_power: int | None = None,
     infshapes: InfShapes = None,
     scale_eps: bool = False,
+    depth_mult: float | None = None,
+    depth_alpha: float | None = None,
+    block_prefix: str | Mapping[str, bool] = BLOCK_PREFIX,
     **kwargs: Any,
 ) -> Optimizer:
     """Build ``impl`` on muP-scaled parameter groups.
@@ -143,28 +153,35 @@ def mu_optimizer(
             ``infshape`` (requires named parameters).
         scale_eps: also scale each group's eps with width (Adam rule only; see
             :func:`mup_schedulefree.scaling.mu_param_groups`). Default False: mup 1.0.0's groups.
+        depth_mult: L / L_base, residual blocks over the base model's; None (default): no depth scaling.
+        depth_alpha: 1 (CompleteP) or 0.5 (depth-muP); required with ``depth_mult``.
+        block_prefix: name prefix of the parameters inside residual blocks (default "blocks."), or
+            a mapping name -> bool (see :func:`mup_schedulefree.scaling.mu_param_groups`).
         **kwargs: optimizer arguments; ``lr``, ``weight_decay`` and ``eps`` are the base-width values.
 
     Returns:
         The optimizer, guarded against loading a state dict of a different muP grouping (or one
-        saved with a different ``scale_eps``).
+        saved with a different ``scale_eps``, ``depth_mult`` or ``depth_alpha``).
 
     Raises:
         TypeError: ``impl`` is not an optimizer class, lr / weight_decay / eps is not a real
             number, or ``scale_eps`` is not a bool.
-        ValueError: an unknown rule, a missing lr, inconsistent decay arguments, or
-            ``scale_eps=True`` under the "sgd" rule or for an ``impl`` without eps; raised before
+        ValueError: an unknown rule, a missing lr, inconsistent decay arguments,
+            ``scale_eps=True`` under the "sgd" rule or for an ``impl`` without eps, or depth
+            arguments :func:`mup_schedulefree.scaling.check_depth` refuses; raised before
             ``params`` is read or any group is built.
     """
     _check_optimizer_class("impl", impl)
     check_rule("rule", rule)
     check_scale_eps("scale_eps", scale_eps, rule)
+    check_depth(depth_mult, depth_alpha, block_prefix)
     lr = _base_value(impl, kwargs, "lr", None)
     decay = {"weight_decay": _base_value(impl, kwargs, "weight_decay", 0.0)}
     power = _decay_lr_power(impl, decoupled_wd, decay_lr_power)
     eps = _base_eps(impl, kwargs, scale_eps)
     groups = mu_param_groups(params, rule, lr=float(lr), decay_keys=decay, decay_lr_power=power, infshapes=infshapes,
-                             scale_eps=scale_eps, eps=eps, adjust_lr_fn=_adjust_lr_fn(impl, kwargs, rule))
+                             scale_eps=scale_eps, eps=eps, adjust_lr_fn=_adjust_lr_fn(impl, kwargs, rule),
+                             depth_mult=depth_mult, depth_alpha=depth_alpha, block_prefix=block_prefix)
     optimizer = impl(groups, **kwargs)
     grouping_guard(optimizer)
     return optimizer
@@ -214,7 +231,8 @@ def MuAdamW_ScheduleFree(params: Any, impl: type = AdamWScheduleFree, decoupled_
         scale_eps: also scale eps with width, eps * width_mult ** exponent per group (see
             :data:`mup_schedulefree.scaling.EPS_RULE`), so that a base-width eps keeps its size
             relative to sqrt(v). Default False: mup 1.0.0's groups, eps unscaled.
-        **kwargs: ``infshapes``, ``decay_lr_power`` (see :func:`mu_optimizer`) and ``impl``'s arguments.
+        **kwargs: ``infshapes``, ``decay_lr_power``, ``depth_mult``, ``depth_alpha``, ``block_prefix``
+            (see :func:`mu_optimizer`) and ``impl``'s arguments.
 
     Returns:
         The optimizer.
@@ -224,7 +242,8 @@ def MuAdamW_ScheduleFree(params: Any, impl: type = AdamWScheduleFree, decoupled_
             number, or ``scale_eps`` is not a bool.
         ValueError: ``impl`` follows the SGD rule (its ``mup_rule``, or a known SGD-like class):
             use the matching factory, or :func:`mu_optimizer` with an explicit rule to override;
-            or ``scale_eps=True`` for an ``impl`` without eps.
+            ``scale_eps=True`` for an ``impl`` without eps; or depth arguments
+            :func:`mup_schedulefree.scaling.check_depth` refuses.
     """
     return _mu_factory(MuAdamW_ScheduleFree, "adam", params, impl, decoupled_wd,
                        dict(kwargs, scale_eps=scale_eps))
@@ -353,7 +372,8 @@ def MuAdamC_ScheduleFreePlus(params: Any, impl: type = AdamCScheduleFreePlus, po
             weight 1: upstream's denominator, which breaks muP; kept for comparison).
         decoupled_wd: weight decay that does not scale with lr is left unscaled.
         scale_eps: also scale eps with width (see :func:`MuAdamW_ScheduleFree`). Default False.
-        **kwargs: ``infshapes``, ``decay_lr_power`` (see :func:`mu_optimizer`) and ``impl``'s arguments.
+        **kwargs: ``infshapes``, ``decay_lr_power``, ``depth_mult``, ``depth_alpha``, ``block_prefix``
+            (see :func:`mu_optimizer`) and ``impl``'s arguments.
 
     Returns:
         The optimizer.
@@ -405,8 +425,8 @@ def MuScheduleFreeWrapper(
         decoupled_wd: leave both decays unscaled.
         scale_eps: also scale the base optimizer's eps with width (Adam rule only; see
             :func:`MuAdamW_ScheduleFree`). Default False.
-        **base_kwargs: ``infshapes``, ``decay_lr_power`` (see :func:`mu_optimizer`) and the base
-            optimizer's arguments.
+        **base_kwargs: ``infshapes``, ``decay_lr_power``, ``depth_mult``, ``depth_alpha``,
+            ``block_prefix`` (see :func:`mu_optimizer`) and the base optimizer's arguments.
 
     Returns:
         The wrapper.
@@ -415,8 +435,9 @@ def MuScheduleFreeWrapper(
         TypeError: ``base_impl`` is not an optimizer class, or a scaled or numeric wrapper
             argument is not a real number.
         ValueError: no rule given for a class whose rule is unknown, an unknown rule, or
-            ``scale_eps=True`` under the "sgd" rule or for a base without eps. An explicit
-            ``rule`` overrides the one inferred from ``base_impl``.
+            ``scale_eps=True`` under the "sgd" rule or for a base without eps, or depth arguments
+            :func:`mup_schedulefree.scaling.check_depth` refuses. An explicit ``rule`` overrides
+            the one inferred from ``base_impl``.
     """
     return _mu_wrapper(ScheduleFreeWrapper, params, base_impl, rule, decoupled_wd, scale_eps, base_kwargs,
                        weight_decay_at_y=weight_decay_at_y, momentum=momentum, weight_lr_power=weight_lr_power, r=r)
@@ -455,8 +476,8 @@ def MuScheduleFreeWrapperReference(
         decoupled_wd: leave both decays unscaled.
         scale_eps: also scale the base optimizer's eps with width (Adam rule only; see
             :func:`MuAdamW_ScheduleFree`). Default False.
-        **base_kwargs: ``infshapes``, ``decay_lr_power`` (see :func:`mu_optimizer`) and the base
-            optimizer's arguments.
+        **base_kwargs: ``infshapes``, ``decay_lr_power``, ``depth_mult``, ``depth_alpha``,
+            ``block_prefix`` (see :func:`mu_optimizer`) and the base optimizer's arguments.
 
     Returns:
         The wrapper.
@@ -485,13 +506,17 @@ def _mu_wrapper(wrapper_cls: type, params: Any, base_impl: type, rule: str | Non
     for name, value in wrapper_kwargs.items():
         real_number(name, value)
     infshapes = base_kwargs.pop("infshapes", None)
+    depth = {"depth_mult": base_kwargs.pop("depth_mult", None), "depth_alpha": base_kwargs.pop("depth_alpha", None),
+             "block_prefix": base_kwargs.pop("block_prefix", BLOCK_PREFIX)}
+    check_depth(**depth)
     power = _decay_lr_power(base_impl, decoupled_wd, base_kwargs.pop("decay_lr_power", None))
     lr = _base_value(base_impl, base_kwargs, "lr", None)
     decay = {"weight_decay": _base_value(base_impl, base_kwargs, "weight_decay", 0.0),
              "weight_decay_at_y": wrapper_kwargs["weight_decay_at_y"]}
     eps = _base_eps(base_impl, base_kwargs, scale_eps)
     groups = mu_param_groups(params, rule, lr=float(lr), decay_keys=decay, decay_lr_power=power, infshapes=infshapes,
-                             scale_eps=scale_eps, eps=eps, adjust_lr_fn=_adjust_lr_fn(base_impl, base_kwargs, rule))
+                             scale_eps=scale_eps, eps=eps, adjust_lr_fn=_adjust_lr_fn(base_impl, base_kwargs, rule),
+                             **depth)
     wrapper = wrapper_cls(base_impl(groups, **base_kwargs), **wrapper_kwargs)
     grouping_guard(wrapper)
     return wrapper
@@ -516,6 +541,9 @@ def MuMuon_ScheduleFree(
     r: float = 0.0,
     scale_eps: bool = False,
     infshapes: InfShapes = None,
+    depth_mult: float | None = None,
+    depth_alpha: float | None = None,
+    block_prefix: str | Mapping[str, bool] = BLOCK_PREFIX,
 ) -> ComposedOptimizer:
     """Schedule-free Muon on the hidden matrices and schedule-free AdamW on the rest, muP-scaled, as one optimizer.
 
@@ -553,6 +581,10 @@ def MuMuon_ScheduleFree(
         r: polynomial weighting power of the average.
         scale_eps: scale AdamW's eps with width (see :func:`MuAdamW_ScheduleFree`); Muon has no Adam eps.
         infshapes: mapping name -> InfShape or mup base-shape file, for parameters without ``infshape``.
+        depth_mult: L / L_base for both parts (see :func:`mu_optimizer`); None: no depth scaling.
+        depth_alpha: 1 (CompleteP) or 0.5 (depth-muP); required with ``depth_mult``.
+        block_prefix: name prefix of the parameters inside residual blocks (default "blocks."), or
+            a mapping name -> bool.
 
     Returns:
         The composed optimizer, its AdamW part first; each part refuses a state dict of another
@@ -561,8 +593,9 @@ def MuMuon_ScheduleFree(
 
     Raises:
         TypeError: a hyperparameter of the wrong type, or params of the wrong kind.
-        ValueError: a hyperparameter out of range or an unknown ``adjust_lr_fn`` (checked before
-            ``params`` is read), a parameter without an infshape, or params without a hidden
+        ValueError: a hyperparameter out of range, an unknown ``adjust_lr_fn`` or depth arguments
+            :func:`mup_schedulefree.scaling.check_depth` refuses (checked before ``params`` is
+            read), a parameter without an infshape, or params without a hidden
             matrix or without any other parameter (use :func:`MuAdamW_ScheduleFree` then).
     """
     for name, value, low, high, low_open in (("lr", lr, 0.0, None, False), ("adam_lr", adam_lr, 0.0, None, False),
@@ -577,6 +610,8 @@ def MuMuon_ScheduleFree(
     check_count("ns_steps", ns_steps)
     check_range("ns_steps", ns_steps, 1, 100)
     check_scale_eps("scale_eps", scale_eps, "adam")
+    check_depth(depth_mult, depth_alpha, block_prefix)
+    depth = {"depth_mult": depth_mult, "depth_alpha": depth_alpha, "block_prefix": block_prefix}
     shapes = resolve_infshapes(infshapes)
 
     def split(params: Any) -> list[list[dict[str, Any]]]:
@@ -591,9 +626,9 @@ def MuMuon_ScheduleFree(
         muon_groups = [{("weight_decay_at_y" if key == "weight_decay" else key): value for key, value in group.items()
                         if key not in ADAM_GROUP_KEYS} for group in matrices]
         return [mu_param_groups(adam_groups, "adam", lr=float(adam_lr), decay_keys={"weight_decay": weight_decay},
-                                infshapes=shapes, scale_eps=scale_eps, eps=adam_eps) if adam_groups else [],
+                                infshapes=shapes, scale_eps=scale_eps, eps=adam_eps, **depth) if adam_groups else [],
                 mu_param_groups(muon_groups, "muon", lr=float(lr), decay_keys={"weight_decay_at_y": weight_decay},
-                                infshapes=shapes, adjust_lr_fn=adjust_lr_fn) if muon_groups else []]
+                                infshapes=shapes, adjust_lr_fn=adjust_lr_fn, **depth) if muon_groups else []]
 
     adam_groups, muon_groups = split(params)
     if not muon_groups or not adam_groups:

@@ -120,6 +120,36 @@ normaliser, not Adam's: ``scale_eps`` does not apply. The rule covers hidden mat
 embeddings, readout, norms and biases have no spectral constraint Muon's update meets and take
 the "adam" rule (:func:`mup_schedulefree.factories.MuMuon_ScheduleFree` splits a model so).
 
+Depth (``depth_mult`` = L / L_base, L the number of residual blocks; off by default, where the
+groups are exactly those above): pre-LN residual branches are multiplied by depth_mult ** -alpha
+(:func:`branch_multiplier`, applied to a model by :mod:`mup_schedulefree.depth`), alpha = 1 for
+CompleteP (Dey et al. 2025, arXiv 2505.01618), alpha = 1/2 for depth-muP (Yang et al. 2023,
+arXiv 2310.02244; Bordelon et al. 2023, arXiv 2309.16620). Every parameter inside a residual
+block (named with the block prefix, "blocks." by default, or marked in a name -> bool mapping)
+then takes, on top of its width scaling, depth_mult ** exponent (:data:`DEPTH_RULE`); parameters
+outside the blocks (embeddings, final norm, readout) take none.
+
+Why these exponents: with a branch multiplier L^-alpha the gradient of every parameter inside a
+block carries L^-alpha (the backward signal of the residual stream is Theta(1) at every depth).
+Each of the L blocks should move the output by Theta(1/L), so that their correlated sum is Theta(1).
+    Adam (normalised update, size lr whatever the gradient's scale): one block moves the output by
+        L^-alpha * lr, the L blocks by L^(1-alpha) * lr: lr x depth_mult^(alpha - 1)
+        (1 at alpha = 1, 1 / sqrt(depth_mult) at alpha = 1/2: CompleteP's Table 1, and depth-muP's
+        Adam rule in Yang et al. 2023; for weights, norm gains and biases in blocks alike)
+    Adam's eps: sqrt(v) carries the gradient's L^-alpha, so eps x depth_mult^-alpha keeps
+        eps / sqrt(v) depth-independent (CompleteP's eps rule; with ``scale_eps`` only)
+    SGD (update lr * g, g carrying L^-alpha): one block moves the output by L^-2alpha * lr, the L
+        blocks by L^(1-2alpha) * lr: lr x depth_mult^(2 alpha - 1) (depth-muP's SGD rule: lr
+        constant at alpha = 1/2, Yang et al. 2023 and Bordelon et al. 2023; x depth_mult at alpha = 1)
+    Muon (orthogonalised update, spectral size lr whatever the gradient's scale): Adam's count,
+        lr x depth_mult^(alpha - 1). Derived here by that count only; no paper states it.
+    Weight decay: not depth-scaled (exponent 0), as CompleteP's Table 1 scales hidden AdamW decay
+        by width only; at alpha = 1 under Adam this also keeps lr^q * weight_decay fixed, at
+        alpha = 1/2 the decay per step inside blocks shrinks with the lr (x depth_mult^(q (alpha - 1))).
+    Initialisation: not depth-scaled (CompleteP's Table 1 keeps the hidden init variance width-only;
+        the branch multiplier replaces GPT-2's 1/sqrt(2 L) output-projection init).
+Not yet measured in this package (depth coordinate checks and lr transfer across depth are next).
+
 ScheduleFree+'s Polyak step size divides by the gradient's L1 norm summed over groups, each
 weighted by its ``polyak_weight``; under muP a group's weight is its lr multiplier
 (:func:`polyak_weight`), which keeps that sum, and so the step size, width-independent.
@@ -130,11 +160,12 @@ import math
 import numbers
 import os
 import sys
+import warnings
 from typing import Any, Callable, Mapping, NamedTuple, Sequence
 
 import torch
 
-from .validation import real_number
+from .validation import check_range, real_number
 
 RULES = ("adam", "sgd", "muon")
 ROLE_ORDER = {"adam": ("matrix-like", "vector-like"), "sgd": ("matrix-like", "vector-like", "fixed"),
@@ -153,6 +184,22 @@ EPS_RULE: dict[tuple[str, str], tuple[str | None, int]] = {
     ("fin", "inf"): ("fan-in", -1),   # MuReadout weight (its 1/width_mult); embeddings (vocab x width)
     ("fin", "fin"): (None, 0),        # no infinite dimension: readout bias, scalars
 }
+
+#: Residual-branch exponents alpha: the branch is multiplied by depth_mult ** -alpha.
+DEPTH_ALPHAS = (0.5, 1.0)
+#: Depth rule for parameters inside residual blocks, by (rule, alpha): the exponents of depth_mult
+#: that multiply lr, Adam's eps (with ``scale_eps``; None where the rule has no Adam eps) and
+#: weight decay (derivation and sources in the module docstring). Outside blocks every exponent is 0.
+DEPTH_RULE: dict[tuple[str, float], tuple[float, float | None, float]] = {
+    ("adam", 1.0): (0.0, -1.0, 0.0),    # CompleteP
+    ("adam", 0.5): (-0.5, -0.5, 0.0),   # depth-muP
+    ("sgd", 1.0): (1.0, None, 0.0),
+    ("sgd", 0.5): (0.0, None, 0.0),     # depth-muP
+    ("muon", 1.0): (0.0, None, 0.0),    # Adam's count (normalised update), not published
+    ("muon", 0.5): (-0.5, None, 0.0),
+}
+#: Default prefix of the names of parameters inside residual blocks ("blocks.<i>.").
+BLOCK_PREFIX = "blocks."
 
 
 def check_rule(name: str, rule: Any) -> None:
@@ -279,6 +326,122 @@ def polyak_weight(group: Mapping[str, Any]) -> float:
         The weight of the group's gradient L1 norm in the Polyak denominator.
     """
     return group.get("polyak_weight", 1.0) * group["mup_lr_mult"]
+
+
+def check_depth(depth_mult: Any, depth_alpha: Any, block_prefix: Any) -> None:
+    """Raise unless the depth arguments are consistent: both None (no depth scaling), or a positive
+    finite ``depth_mult`` with ``depth_alpha`` in :data:`DEPTH_ALPHAS`; ``block_prefix`` a
+    non-empty str or a mapping name -> bool.
+
+    Args:
+        depth_mult: L / L_base, or None.
+        depth_alpha: the residual-branch exponent alpha, or None.
+        block_prefix: prefix of the names of parameters inside residual blocks, or a mapping
+            name -> bool.
+
+    Raises:
+        TypeError: a non-number ``depth_mult`` or a ``block_prefix`` of the wrong type.
+        ValueError: ``depth_mult`` out of (0, inf), ``depth_alpha`` not in :data:`DEPTH_ALPHAS`,
+            one of the two given without the other, or an empty ``block_prefix``.
+    """
+    if depth_mult is None:
+        if depth_alpha is not None:
+            raise ValueError(f"Invalid depth_alpha: {depth_alpha!r} (needs depth_mult = L / L_base; "
+                             "leave both None for no depth scaling)")
+    else:
+        check_range("depth_mult", depth_mult, 0.0, low_open=True)
+        if isinstance(depth_alpha, bool) or depth_alpha not in DEPTH_ALPHAS:
+            raise ValueError(f"Invalid depth_alpha: {depth_alpha!r} (must be one of {DEPTH_ALPHAS}: "
+                             "1 for CompleteP, 0.5 for depth-muP)")
+    if isinstance(block_prefix, str):
+        if not block_prefix:
+            raise ValueError("Invalid block_prefix: '' (must name the blocks, e.g. 'blocks.')")
+    elif not isinstance(block_prefix, Mapping):
+        raise TypeError(f"Invalid block_prefix: {block_prefix!r} (must be a str or a mapping name -> bool, "
+                        f"got {type(block_prefix).__name__})")
+
+
+def branch_multiplier(depth_mult: float, depth_alpha: float) -> float:
+    """The residual-branch multiplier (L_base / L) ** alpha = depth_mult ** -alpha.
+
+    Args:
+        depth_mult: L / L_base, positive.
+        depth_alpha: alpha, one of :data:`DEPTH_ALPHAS`.
+
+    Returns:
+        The multiplier (exactly 1.0 at depth_mult = 1).
+
+    Raises:
+        TypeError, ValueError: as :func:`check_depth`.
+    """
+    check_depth(depth_mult, depth_alpha, BLOCK_PREFIX)
+    return float(depth_mult) ** -float(depth_alpha)
+
+
+class DepthScaling(NamedTuple):
+    """Depth scaling of one parameter, on top of its width scaling (:data:`DEPTH_RULE`).
+
+    Attributes:
+        in_block: whether the parameter lies inside a residual block.
+        lr_mult: multiplier on lr.
+        eps_mult: multiplier on Adam's eps (1.0 where the rule has no Adam eps).
+        wd_mult: multiplier on weight decay.
+    """
+
+    in_block: bool
+    lr_mult: float
+    eps_mult: float
+    wd_mult: float
+
+
+#: No depth scaling: every multiplier 1.
+NO_DEPTH = DepthScaling(False, 1.0, 1.0, 1.0)
+
+
+def depth_scaling(rule: str, depth_mult: float, depth_alpha: float, in_block: bool) -> DepthScaling:
+    """The depth scaling of a parameter under ``rule`` (:data:`DEPTH_RULE`; derivation in the module docstring).
+
+    Args:
+        rule: "adam", "sgd" or "muon".
+        depth_mult: L / L_base.
+        depth_alpha: the residual-branch exponent alpha, one of :data:`DEPTH_ALPHAS`.
+        in_block: whether the parameter lies inside a residual block (outside: every multiplier 1).
+
+    Returns:
+        The multipliers, depth_mult ** exponent each.
+
+    Raises:
+        ValueError: an unknown rule, or depth arguments :func:`check_depth` refuses.
+    """
+    check_rule("rule", rule)
+    check_depth(depth_mult, depth_alpha, BLOCK_PREFIX)
+    if not in_block:
+        return NO_DEPTH
+    lr_exp, eps_exp, wd_exp = DEPTH_RULE[(rule, float(depth_alpha))]
+    mult = float(depth_mult)
+    return DepthScaling(True, mult ** lr_exp, 1.0 if eps_exp is None else mult ** eps_exp, mult ** wd_exp)
+
+
+def _times(value: Any, mult: float) -> Any:
+    """value * mult, or ``value`` itself when mult is 1 (so that groups without depth scaling are unchanged)."""
+    return value if mult == 1.0 else value * mult
+
+
+def _in_block(name: str | None, index: int, p: torch.Tensor, block_prefix: str | Mapping[str, bool]) -> bool:
+    """Whether a parameter lies inside a residual block: its name starts with ``block_prefix``, or
+    the mapping ``block_prefix`` says so."""
+    if name is None:
+        raise ValueError(f"depth_mult needs parameter names to find the residual blocks, but "
+                         f"{_name_of(index, name, p)} is unnamed: pass model.named_parameters()")
+    if isinstance(block_prefix, str):
+        return name.startswith(block_prefix)
+    if name not in block_prefix:
+        raise ValueError(f"Invalid block_prefix: parameter {name!r} is missing from the mapping "
+                         f"(it has {len(block_prefix)} entries)")
+    inside = block_prefix[name]
+    if not isinstance(inside, bool):
+        raise TypeError(f"Invalid block_prefix[{name!r}]: {inside!r} (must be True or False)")
+    return inside
 
 
 class EpsScaling(NamedTuple):
@@ -501,15 +664,21 @@ def mu_param_groups(
     scale_eps: bool = False,
     eps: float | None = None,
     adjust_lr_fn: str | None = None,
+    depth_mult: float | None = None,
+    depth_alpha: float | None = None,
+    block_prefix: str | Mapping[str, bool] = BLOCK_PREFIX,
 ) -> list[dict[str, Any]]:
     """Split every parameter group by muP role and scale its lr and weight decay (and eps, if asked).
 
     Each incoming group (with the user's own keys kept, e.g. ``weight_decay=0`` for norms) is split
     into sub-groups of equal scaling, ordered by role (matrix-like, vector-like, fixed) and then by
     first appearance. Every sub-group records ``mup_rule``, ``mup_role``, ``mup_lr_mult``,
-    ``mup_wd_mult`` and ``mup_eps_mult`` (None unless ``scale_eps``); parameters given with names
-    keep them (torch stores ``param_names``). With ``scale_eps`` the vector-like groups are also
-    split by their eps multiplier.
+    ``mup_wd_mult`` and ``mup_eps_mult`` (None unless ``scale_eps``), each the product of the width
+    and depth multipliers, and ``mup_depth_mult`` / ``mup_depth_alpha`` (None without depth
+    scaling); parameters given with names keep them (torch stores ``param_names``). With
+    ``scale_eps`` the vector-like groups are also split by their eps multiplier, and with depth
+    scaling every group by its depth multipliers (parameters inside and outside the blocks share a
+    group where those are equal, e.g. everywhere at depth_mult = 1).
 
     Args:
         params: parameters, (name, parameter) pairs (e.g. ``model.named_parameters()``), or group
@@ -527,17 +696,26 @@ def mu_param_groups(
         eps: base-width eps for groups that set none; required with ``scale_eps``.
         adjust_lr_fn: under the "muon" rule, Muon's ``adjust_lr_fn`` for groups that set none
             (a group's own ``adjust_lr_fn`` key wins, as it does in Muon's step).
+        depth_mult: L / L_base, the number of residual blocks over the base model's; None (default)
+            for no depth scaling, mup 1.0.0's groups. Needs named parameters.
+        depth_alpha: the residual-branch exponent, 1 (CompleteP) or 0.5 (depth-muP); required
+            with ``depth_mult`` (rule in :data:`DEPTH_RULE`).
+        block_prefix: which parameters lie inside residual blocks: those whose name starts with
+            this str (default "blocks."; include any wrapper prefix such as "module."), or a
+            mapping name -> bool over every parameter. A warning names it when no parameter lies
+            inside a block.
 
     Returns:
         The new group dicts, ready for an optimizer constructor.
 
     Raises:
-        TypeError: a non-number lr, decay or eps (argument or group entry), a non-bool
-            ``scale_eps``, or params of the wrong kind.
+        TypeError: a non-number lr, decay, eps or depth_mult (argument or group entry), a non-bool
+            ``scale_eps``, a ``block_prefix`` of the wrong type, or params of the wrong kind.
         ValueError: an unknown rule, decay_lr_power or adjust_lr_fn, ``scale_eps`` under the "sgd"
             or "muon" rule or without an eps, no parameters, a parameter without an infshape, or
-            (rule "muon") one that is not a hidden matrix. Every argument is checked before any
-            group is built.
+            (rule "muon") one that is not a hidden matrix; depth arguments :func:`check_depth`
+            refuses, an unnamed parameter with ``depth_mult``, or a name missing from a
+            ``block_prefix`` mapping. Every argument is checked before any group is built.
     """
     check_rule("rule", rule)
     real_number("lr", lr)
@@ -546,6 +724,7 @@ def mu_param_groups(
     check_decay_lr_power("decay_lr_power", decay_lr_power)
     check_scale_eps("scale_eps", scale_eps, rule)
     check_adjust_lr_fn("adjust_lr_fn", adjust_lr_fn)
+    check_depth(depth_mult, depth_alpha, block_prefix)
     if scale_eps:
         if eps is None:
             raise ValueError("Invalid eps: None (scale_eps=True needs the base-width eps)")
@@ -560,41 +739,60 @@ def mu_param_groups(
             check_adjust_lr_fn(f"adjust_lr_fn of params group {number}", group["adjust_lr_fn"])
     new_groups: list[dict[str, Any]] = []
     index = 0
+    any_in_block = False
     for group in groups:
-        buckets: dict[tuple[str, float, float | None], dict[str, Any]] = {}
+        buckets: dict[tuple[Any, ...], dict[str, Any]] = {}
         for name, p in group["params"]:
             infshape = _infshape(p, name, index, shapes)
             scaling = parameter_scaling(infshape, rule, _name_of(index, name, p),
                                         group.get("adjust_lr_fn", adjust_lr_fn))
             eps_rule = eps_scaling(infshape) if scale_eps else None
             eps_mult = None if eps_rule is None else eps_rule.eps_mult
+            depth = NO_DEPTH
+            if depth_mult is not None:
+                depth = depth_scaling(rule, depth_mult, depth_alpha, _in_block(name, index, p, block_prefix))
+                any_in_block = any_in_block or depth.in_block
             index += 1
-            bucket = buckets.get((scaling.role, scaling.key, eps_mult))
+            # grouped by the multipliers, not by membership: at equal multipliers blocks share groups
+            bucket_key = (scaling.role, scaling.key, eps_mult, depth.lr_mult, depth.eps_mult, depth.wd_mult)
+            bucket = buckets.get(bucket_key)
             if bucket is None:
                 bucket = {key: value for key, value in group.items() if key != "params"}
-                bucket["lr"] = scaling.scale_lr(group.get("lr", lr))
+                bucket["lr"] = _times(scaling.scale_lr(group.get("lr", lr)), depth.lr_mult)
                 for key, default in decay_keys.items():
-                    bucket[key] = scaling.scale_weight_decay(group.get(key, default), decay_lr_power)
+                    bucket[key] = _times(scaling.scale_weight_decay(group.get(key, default), decay_lr_power),
+                                         depth.wd_mult)
                 if eps_rule is not None:
-                    bucket["eps"] = eps_rule.scale_eps(group.get("eps", eps))
-                bucket.update(mup_rule=rule, mup_role=scaling.role, mup_lr_mult=scaling.lr_mult,
-                              mup_wd_mult=scaling.scale_weight_decay(1.0, decay_lr_power), mup_eps_mult=eps_mult,
-                              params=[])
-                buckets[(scaling.role, scaling.key, eps_mult)] = bucket
+                    bucket["eps"] = _times(eps_rule.scale_eps(group.get("eps", eps)), depth.eps_mult)
+                bucket.update(mup_rule=rule, mup_role=scaling.role, mup_lr_mult=_times(scaling.lr_mult, depth.lr_mult),
+                              mup_wd_mult=_times(scaling.scale_weight_decay(1.0, decay_lr_power), depth.wd_mult),
+                              mup_eps_mult=None if eps_mult is None else _times(eps_mult, depth.eps_mult),
+                              mup_depth_mult=None if depth_mult is None else float(depth_mult),
+                              mup_depth_alpha=None if depth_alpha is None else float(depth_alpha), params=[])
+                buckets[bucket_key] = bucket
             bucket["params"].append(p if name is None else (name, p))
         order = ROLE_ORDER[rule]
         new_groups.extend(sorted(buckets.values(), key=lambda g: order.index(g["mup_role"])))
+    if depth_mult is not None and not any_in_block:
+        warnings.warn(f"depth_mult={depth_mult!r} scales nothing: no parameter lies inside a residual block "
+                      f"(block_prefix={block_prefix!r} if a str: names must start with it)", stacklevel=2)
     return new_groups
 
 
-GROUP_SIGNATURE = ("mup_rule", "mup_role", "mup_lr_mult", "mup_wd_mult", "mup_eps_mult", "mup_polyak")
+GROUP_SIGNATURE = ("mup_rule", "mup_role", "mup_lr_mult", "mup_wd_mult", "mup_eps_mult", "mup_polyak",
+                   "mup_depth_mult", "mup_depth_alpha")
 #: Signature keys a state dict saved before they existed lacks (or a group that has none of its
 #: kind: ``mup_polyak`` is ScheduleFree+'s), with the value that means.
-SIGNATURE_DEFAULTS = {"mup_eps_mult": None, "mup_polyak": None}
+SIGNATURE_DEFAULTS = {"mup_eps_mult": None, "mup_polyak": None, "mup_depth_mult": None, "mup_depth_alpha": None}
 
 
 def _eps_scaled(groups: Sequence[dict[str, Any]]) -> bool:
     return any(group.get("mup_eps_mult") is not None for group in groups)
+
+
+def _depth(groups: Sequence[dict[str, Any]]) -> tuple[float | None, float | None]:
+    first = groups[0] if groups else {}
+    return first.get("mup_depth_mult"), first.get("mup_depth_alpha")
 
 
 def _polyak_rule(groups: Sequence[dict[str, Any]]) -> str | None:
@@ -604,11 +802,13 @@ def _polyak_rule(groups: Sequence[dict[str, Any]]) -> str | None:
 def check_same_grouping(saved_groups: Sequence[dict[str, Any]], groups: Sequence[dict[str, Any]]) -> None:
     """Raise ValueError unless saved muP groups line up with the current ones.
 
-    Compares whether eps was width-scaled (``scale_eps``) and ScheduleFree+'s Polyak weighting
-    (``polyak``, recorded as ``mup_polyak``), then, group by group, the muP signature, the
-    parameter count and (when both sides have them) the parameter names, so that optimizer state
-    is never attached to the wrong parameter. A state dict saved before groups recorded
-    ``mup_eps_mult`` counts as saved without ``scale_eps``.
+    Compares whether eps was width-scaled (``scale_eps``), ScheduleFree+'s Polyak weighting
+    (``polyak``, recorded as ``mup_polyak``) and the depth scaling (``depth_mult`` and
+    ``depth_alpha``, recorded as ``mup_depth_mult`` and ``mup_depth_alpha``), then, group by
+    group, the muP signature, the parameter count and (when both sides have them) the parameter
+    names, so that optimizer state is never attached to the wrong parameter. A state dict saved
+    before groups recorded ``mup_eps_mult`` counts as saved without ``scale_eps``, one saved
+    before they recorded ``mup_depth_mult`` as saved without depth scaling.
 
     Args:
         saved_groups: ``state_dict()["param_groups"]`` of the saved optimizer.
@@ -627,6 +827,12 @@ def check_same_grouping(saved_groups: Sequence[dict[str, Any]], groups: Sequence
         raise ValueError(
             f"state_dict was saved with polyak={polyak[0]!r} but this muP optimizer has polyak={polyak[1]!r}: "
             "build it with the same polyak to load it"
+        )
+    depth = [_depth(side) for side in (saved_groups, groups)]
+    if depth[0] != depth[1]:
+        raise ValueError(
+            f"state_dict was saved with (depth_mult, depth_alpha)={depth[0]!r} but this muP optimizer has "
+            f"{depth[1]!r}: build it with the same depth_mult and depth_alpha to load it"
         )
     if len(saved_groups) != len(groups):
         raise ValueError(
@@ -729,6 +935,13 @@ __all__ = [
     "EPS_RULE",
     "Scaling",
     "EpsScaling",
+    "DEPTH_ALPHAS",
+    "DEPTH_RULE",
+    "BLOCK_PREFIX",
+    "DepthScaling",
+    "depth_scaling",
+    "branch_multiplier",
+    "check_depth",
     "eps_scaling",
     "polyak_weight",
     "check_scale_eps",
