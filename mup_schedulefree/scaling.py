@@ -139,8 +139,9 @@ Each of the L blocks should move the output by Theta(1/L), so that their correla
     Adam's eps: sqrt(v) carries the gradient's L^-alpha, so eps x depth_mult^-alpha keeps
         eps / sqrt(v) depth-independent (CompleteP's eps rule; with ``scale_eps`` only)
     SGD (update lr * g, g carrying L^-alpha): one block moves the output by L^-2alpha * lr, the L
-        blocks by L^(1-2alpha) * lr: lr x depth_mult^(2 alpha - 1) (depth-muP's SGD rule: lr
-        constant at alpha = 1/2, Yang et al. 2023 and Bordelon et al. 2023; x depth_mult at alpha = 1)
+        blocks by L^(1-2alpha) * lr: lr x depth_mult^(2 alpha - 1) (at alpha = 1/2 depth-muP's SGD
+        rule, lr constant, Yang et al. 2023 and Bordelon et al. 2023; at alpha = 1, x depth_mult,
+        derived here by this count, CompleteP states Adam's rules only)
     Muon (orthogonalised update, spectral size lr whatever the gradient's scale): Adam's count,
         lr x depth_mult^(alpha - 1). Derived here by that count only; no paper states it.
     Weight decay: not depth-scaled (exponent 0), as CompleteP's Table 1 scales hidden AdamW decay
