@@ -134,16 +134,21 @@ if triton is not None:
         return x.to(PARAM)
 
     @triton.jit
+    def _block(numels, block_tensor, block_start, BLOCK_: tl.constexpr):
+        # this program's tensor, its element offsets in that tensor, and which of them exist
+        b = tl.program_id(0)
+        t = tl.load(block_tensor + b)
+        offsets = tl.load(block_start + b) + tl.arange(0, BLOCK_)
+        return t, offsets, offsets < tl.load(numels + t)
+
+    @triton.jit
     def _operand(pointers, row, column, WIDTH: tl.constexpr, DTYPE: tl.constexpr):
         return tl.load(pointers + row * WIDTH + column).to(tl.pointer_type(DTYPE))
 
     @triton.jit
     def _written_kernel(pointers, numels, block_tensor, block_start, flags, WIDTH: tl.constexpr,
                         PARAM: tl.constexpr, MASTER_COL: tl.constexpr, BLOCK_: tl.constexpr):
-        b = tl.program_id(0)
-        t = tl.load(block_tensor + b)
-        offsets = tl.load(block_start + b) + tl.arange(0, BLOCK_)
-        mask = offsets < tl.load(numels + t)
+        t, offsets, mask = _block(numels, block_tensor, block_start, BLOCK_)
         p = tl.load(_operand(pointers, t, 0, WIDTH, PARAM) + offsets, mask=mask)
         m = tl.load(_operand(pointers, t, MASTER_COL, WIDTH, tl.float32) + offsets, mask=mask)
         # only lanes that differ touch the flag: none at all in the common step with no write
@@ -159,10 +164,7 @@ if triton is not None:
                      TO_X_SMALL: tl.constexpr, PARAM: tl.constexpr, MASTER: tl.constexpr, BLOCK_: tl.constexpr):
         # columns: 0 parameter (y, or x in the closure form), 1 gradient, 2 z, then Adam's v and m,
         # then the float32 master of a low-precision parameter
-        b = tl.program_id(0)
-        t = tl.load(block_tensor + b)
-        offsets = tl.load(block_start + b) + tl.arange(0, BLOCK_)
-        mask = offsets < tl.load(numels + t)
+        t, offsets, mask = _block(numels, block_tensor, block_start, BLOCK_)
         p_ptr = _operand(pointers, t, 0, WIDTH, PARAM) + offsets
         g = tl.load(_operand(pointers, t, 1, WIDTH, PARAM) + offsets, mask=mask).to(tl.float32)
         z_ptr = _operand(pointers, t, 2, WIDTH, tl.float32) + offsets
@@ -207,10 +209,7 @@ if triton is not None:
     def _lerp_kernel(pointers, numels, block_tensor, block_start, flags, w, omw, WIDTH: tl.constexpr,
                      SMALL: tl.constexpr, PARAM: tl.constexpr, MASTER: tl.constexpr, BLOCK_: tl.constexpr):
         # columns: 0 start (moved), 1 end (read), then the float32 master of a low-precision start
-        b = tl.program_id(0)
-        t = tl.load(block_tensor + b)
-        offsets = tl.load(block_start + b) + tl.arange(0, BLOCK_)
-        mask = offsets < tl.load(numels + t)
+        t, offsets, mask = _block(numels, block_tensor, block_start, BLOCK_)
         p_ptr = _operand(pointers, t, 0, WIDTH, PARAM) + offsets
         end = tl.load(_operand(pointers, t, 1, WIDTH, tl.float32) + offsets, mask=mask)
         if MASTER:
@@ -229,10 +228,7 @@ if triton is not None:
                         ENTER: tl.constexpr, DECAY: tl.constexpr, A_SMALL: tl.constexpr, B_SMALL: tl.constexpr,
                         BLOCK_: tl.constexpr):
         # columns: 0 parameter, 1 the wrapper's z slot (float32 both)
-        b = tl.program_id(0)
-        t = tl.load(block_tensor + b)
-        offsets = tl.load(block_start + b) + tl.arange(0, BLOCK_)
-        mask = offsets < tl.load(numels + t)
+        t, offsets, mask = _block(numels, block_tensor, block_start, BLOCK_)
         p_ptr = _operand(pointers, t, 0, 2, tl.float32) + offsets
         s_ptr = _operand(pointers, t, 1, 2, tl.float32) + offsets
         p = tl.load(p_ptr, mask=mask)
