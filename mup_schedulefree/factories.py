@@ -189,8 +189,12 @@ def mu_optimizer(
 
 def _mu_factory(factory: Callable[..., Optimizer], rule: str, params: Any, impl: type, decoupled_wd: bool,
                 kwargs: dict[str, Any]) -> Optimizer:
-    """:func:`mu_optimizer` under ``rule`` for ``factory``, refusing an ``impl`` that follows the other rule."""
+    """:func:`mu_optimizer` under ``rule`` for ``factory``, refusing an ``impl`` that follows the other rule,
+    and ScheduleFree+ anywhere but :func:`MuAdamC_ScheduleFreePlus` (its Polyak weights)."""
     _check_optimizer_class("impl", impl)
+    if getattr(impl, "needs_function_value", False) and factory is not MuAdamC_ScheduleFreePlus:
+        raise ValueError(f"{factory.__name__}: impl={impl.__name__} is ScheduleFree+, whose Polyak step size needs "
+                         "per-group weights under muP: use MuAdamC_ScheduleFreePlus")
     impl_rule = infer_rule(impl)
     if impl_rule is not None and impl_rule != rule:
         raise ValueError(

@@ -272,3 +272,9 @@ def test_record_coords_steps_schedulefree_plus_with_the_loss():
     with torch.no_grad():
         model(task.train_batches[3][0])
     assert recorded == pytest.approx(outputs["readout"].abs().mean().item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("impl", FORMS)
+def test_other_factories_refuse_schedulefree_plus_which_would_lose_its_polyak_weights(impl):
+    with pytest.raises(ValueError, match="use MuAdamC_ScheduleFreePlus"):
+        msf.MuAdamW_ScheduleFree(mixed_net(24).named_parameters(), impl=impl, lr=1.0)
