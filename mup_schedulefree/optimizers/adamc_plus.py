@@ -71,8 +71,8 @@ from torch.optim import Optimizer
 from .. import kernels
 from ..schedule import annealed_momentum, averaging_weight_c_warmup
 from ..validation import check_count, check_range, real_number
-from .base import (Modes, check_each_group, check_is_state_dict, check_saved_state, describe_parameter, local,
-                   real_view, stored_points_at_x, switch_stored_points, train_mode_closure)
+from .base import (Modes, check_each_group, check_is_state_dict, check_saved_state, check_state_shapes,
+                   describe_parameter, local, real_view, stored_points_at_x, switch_stored_points, train_mode_closure)
 
 SQRT_HALF_PI = math.sqrt(math.pi / 2)  # the Polyak denominator's constant: 1 / E|u| for a standard Gaussian u
 
@@ -470,10 +470,7 @@ class _PolyakShell(Modes, Optimizer):
                 if p.grad is not None and p.grad.layout != torch.strided:
                     raise RuntimeError(f"{type(self).__name__} does not support sparse gradients "
                                        f"({describe_parameter(group, index, p)} has a {p.grad.layout} gradient)")
-                z = self.state.get(p, {}).get("z")
-                if z is not None and z.shape != p.shape:
-                    raise ValueError(f"optimizer state of {describe_parameter(group, index, p)} has shape "
-                                     f"{tuple(z.shape)}: was the state dict saved from another model?")
+        check_state_shapes(self)
         self._align_state()
 
     def _align_state(self) -> None:

@@ -455,12 +455,7 @@ class ScheduleFreeCore(Optimizer):
         A state dict of another model (another width) fails here, before anything moves, not half
         way through an update. Parameters moved to another device or dtype get their state along.
         """
-        for group in self.param_groups:
-            for index, p in enumerate(group["params"]):
-                z = self.state.get(p, {}).get("z")
-                if z is not None and z.shape != p.shape:
-                    raise ValueError(f"optimizer state of {describe_parameter(group, index, p)} has shape "
-                                     f"{tuple(z.shape)}: was the state dict saved from another model?")
+        check_state_shapes(self)
         for group in self.param_groups:
             for p in group["params"]:
                 self._align_state(group, p)
@@ -664,6 +659,23 @@ class ScheduleFreeCore(Optimizer):
             for key, value in state_dict["state"].get(saved_id, {}).items():
                 if isinstance(value, torch.Tensor) and value.dtype != self.state[p][key].dtype:
                     self.state[p][key] = value.to(device=p.device, dtype=value.dtype, copy=True)
+
+
+def check_state_shapes(optimizer: Optimizer) -> None:
+    """Raise, naming the parameter, if its stored z has another shape (a state dict of another model).
+
+    Args:
+        optimizer: a schedule-free optimizer whose state keeps ``"z"`` per parameter.
+
+    Raises:
+        ValueError: naming the first parameter whose z does not fit it.
+    """
+    for group in optimizer.param_groups:
+        for index, p in enumerate(group["params"]):
+            z = optimizer.state.get(p, {}).get("z")
+            if z is not None and z.shape != p.shape:
+                raise ValueError(f"optimizer state of {describe_parameter(group, index, p)} has shape "
+                                 f"{tuple(z.shape)}: was the state dict saved from another model?")
 
 
 def switch_stored_points(optimizer: Optimizer, to_train: bool, mode_key: str = "train_mode") -> None:

@@ -16,8 +16,8 @@ from .. import kernels
 from ..schedule import warmup_multiplier
 from .adamw import AdamWRule
 from .base import (SCHEDULE_DEFAULTS, ModalForm, advance_schedule, check_each_group, check_is_state_dict,
-                   check_saved_state, describe_parameter, real_view, share_lr_ratios, stored_points_at_x,
-                   switch_stored_points, train_mode_closure)
+                   check_saved_state, check_state_shapes, real_view, share_lr_ratios,
+                   stored_points_at_x, switch_stored_points, train_mode_closure)
 from .sgd import SGDRule
 from .wrapper import PREFIX, WrapperShell, check_plain_base, check_wrapper_group
 
@@ -226,12 +226,7 @@ class ScheduleFreeWrapperReference(WrapperShell):
     def _check_before_step(self) -> None:
         """Raise, naming the group or parameter, before a step that could not complete; change nothing."""
         check_each_group(self.param_groups, check_wrapper_group)  # groups may have been edited since
-        for group in self.param_groups:
-            for index, p in enumerate(group["params"]):
-                z = self.state.get(p, {}).get("z")
-                if z is not None and z.shape != p.shape:
-                    raise ValueError(f"optimizer state of {describe_parameter(group, index, p)} has shape "
-                                     f"{tuple(z.shape)}: was the state dict saved from another model?")
+        check_state_shapes(self)
         self._align_state()
 
     @kernels.compile_disabled
