@@ -8,13 +8,18 @@ parametrized over :data:`INFOS` and never name a class.
 
 Parameter layout used throughout (the tiny MLP's four tensors W1, b1, W2, b2): three groups,
 [W1, b1] at the config's lr, [W2] at lr / 3 with weight decay 0.05, [b2] at 2 lr with a 7-step
-warmup (where the class has warmup).
+warmup (where the class has warmup: ``warmup_steps``, or ScheduleFree+'s ``c_warmup``).
+
+Every generic test steps an optimizer through :func:`take_step`, which hands the loss to the classes
+that need it (``needs_function_value``: ScheduleFree+'s Polyak step size reads the loss).
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
+import pytest
 import schedulefree as published
 import torch
 import torch.nn.functional as F
@@ -71,7 +76,8 @@ class OptimInfo:
         has_modes: the class has ``train()``/``eval()`` and a ``train_mode`` property.
         beta_key: config key of the y = (1 - beta) z + beta x interpolation coefficient.
         decay_key: per-group key of the weight decay taken at y.
-        has_warmup: the class has ``warmup_steps``.
+        has_warmup: the class has a per-group warmup, the group key ``warmup_key``.
+        warmup_key: the per-group key of the warmup's length in steps.
         flags: which of the keyword flags ``foreach``, ``fused``, ``master_weights`` the class
             honours (changes how it computes); the wrapper's passes take the first two, its base
             owns the precision of what it updates.
@@ -83,6 +89,10 @@ class OptimInfo:
         composed: a :class:`ComposedOptimizer` of parts over disjoint parameters: the suite's
             three groups become one per part and group, a step is atomic per part only, each part
             checks a state dict on load in part order, and the Muon part takes no complex tensors.
+        global_step_size: one step size is computed from every group's gradient and the whole
+            loss (ScheduleFree+'s Polyak step) and multiplies every group's lr, so a group's
+            presence, or the loss of a head without gradient, changes every group's step (see
+            :func:`skip_if_global_step_size`).
     """
 
     name: str
@@ -93,12 +103,14 @@ class OptimInfo:
     beta_key: str = "betas"
     decay_key: str = "weight_decay"
     has_warmup: bool = True
+    warmup_key: str = "warmup_steps"
     flags: frozenset[str] = ALL_FLAGS
     error_inputs: tuple[ErrorInput, ...] = ()
     published_factory: Callable[..., Any] | None = None
     published_reads_group_decay: bool = True
     published_traps: frozenset[str] = field(default_factory=frozenset)
     composed: bool = False
+    global_step_size: bool = False
 
     def make(self, params: Iterable[Any], config: dict[str, Any], **extra: Any) -> Optimizer:
         """Build the optimizer from ``config`` plus ``extra`` kwargs."""
@@ -215,6 +227,15 @@ _MUON_CONFIGS = (
     dict(lr=0.02, adam_lr=0.01, momentum=0.9, weight_decay=0.01, r=1.0),
     dict(lr=0.05, adam_lr=0.03, momentum=0.8, adjust_lr_fn="match_rms_adamw", weight_lr_power=0.0),
 )
+# ScheduleFree+ (lr multiplies the Polyak step size): AdamC decay (applied as lr_k^2 * weight_decay,
+# hence larger values than AdamW's), c_warmup, an EMA of the Polyak denominator; the second config
+# anneals sf_beta1 toward sf_beta1_max. The first keeps sf_beta1 fixed: probes that recover x from y
+# and z with the config's beta (``OptimInfo.beta``) need the beta that built y.
+_PLUS_CONFIGS = (
+    dict(lr=1.0, weight_decay=5.0, c_warmup=3, polyak_beta=0.9, r=1.0),
+    dict(lr=0.5, betas=(0.8, 0.99), sf_beta1=0.8, sf_beta1_max=0.95, sf_beta1_anneal_steps=20, eps=1e-6,
+         polyak_beta=0.5, weight_lr_power=1.0),
+)
 
 _COMMON_ERRORS = (
     ErrorInput(dict(lr=-1.0), "lr", -1.0),
@@ -282,6 +303,22 @@ _MUON_ERRORS = _COMMON_ERRORS[:7] + (
     ErrorInput(dict(adjust_lr_fn="spectral"), "adjust_lr_fn", "spectral", in_group=False),
     ErrorInput(dict(ns_steps=0), "ns_steps", 0, in_group=False),
     ErrorInput(dict(ns_steps=2.5), "ns_steps", 2.5, in_group=False, error=TypeError),
+)
+_PLUS_ERRORS = _COMMON_ERRORS + (
+    ErrorInput(dict(betas=(1.0, 0.95)), "betas[0]", 1.0),
+    ErrorInput(dict(betas=(-0.25, 0.95)), "betas[0]", -0.25),
+    ErrorInput(dict(betas=(0.9, 1.0)), "betas[1]", 1.0),
+    ErrorInput(dict(betas=(0.9,)), "betas", (0.9,)),
+    ErrorInput(dict(eps=-1e-8), "eps", -1e-8),
+    ErrorInput(dict(sf_beta1=1.0), "sf_beta1", 1.0),
+    ErrorInput(dict(sf_beta1=0.0), "sf_beta1", 0.0),
+    ErrorInput(dict(sf_beta1_max=1.0), "sf_beta1_max", 1.0),
+    ErrorInput(dict(polyak_beta=1.0), "polyak_beta", 1.0),
+    ErrorInput(dict(polyak_beta=-0.5), "polyak_beta", -0.5),
+    ErrorInput(dict(c_warmup=-3), "c_warmup", -3),
+    ErrorInput(dict(c_warmup=2.5), "c_warmup", 2.5, error=TypeError),
+    ErrorInput(dict(sf_beta1_anneal_steps=-1), "sf_beta1_anneal_steps", -1),
+    ErrorInput(dict(sf_beta1_anneal_steps=None), "sf_beta1_anneal_steps", None, error=TypeError),
 )
 
 _PRIMAL_TRAPS = frozenset({WRITES_GRAD, STARTS_IN_EVAL, NEW_GROUP_WRONG_MODE, WRONG_EVAL_ERROR})
@@ -351,6 +388,10 @@ INFOS: tuple[OptimInfo, ...] = (
               published_reads_group_decay=False, published_traps=_WRAPPER_REFERENCE_TRAPS),
     OptimInfo("MuMuon_ScheduleFree", muon_factory, _MUON_CONFIGS, beta_key="momentum", has_warmup=False,
               flags=frozenset(), error_inputs=_MUON_ERRORS, composed=True),
+    OptimInfo("AdamCScheduleFreePlusPaper", ours.AdamCScheduleFreePlusPaper, _PLUS_CONFIGS, beta_key="sf_beta1",
+              warmup_key="c_warmup", flags=frozenset(), error_inputs=_PLUS_ERRORS, global_step_size=True),
+    OptimInfo("AdamCScheduleFreePlus", ours.AdamCScheduleFreePlus, _PLUS_CONFIGS, beta_key="sf_beta1",
+              warmup_key="c_warmup", flags=frozenset(), error_inputs=_PLUS_ERRORS, global_step_size=True),
 )
 
 MODAL_INFOS = tuple(info for info in INFOS if info.has_modes)
@@ -377,7 +418,7 @@ def param_groups(info: OptimInfo, params: Sequence[torch.Tensor], config: dict[s
     if group_decay:
         second[info.decay_key] = 0.05
     if info.has_warmup:
-        third["warmup_steps"] = 7
+        third[info.warmup_key] = 7
     return [{"params": [w1, b1]}, second, third]
 
 
@@ -390,9 +431,27 @@ def loss_of(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch
     return F.mse_loss(out, target)
 
 
+def take_step(info: OptimInfo, opt: Any, closure: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """One optimizer step the way ``info``'s class is driven; returns the loss.
+
+    Args:
+        closure: zeroes the gradients, computes the loss, calls backward and returns the loss.
+            Closure forms get it (``step(closure)``); the others run it first, then ``step()``,
+            or ``step(function_value=loss)`` when the class sets ``needs_function_value``.
+    """
+    if info.closure_form:
+        return opt.step(closure)
+    loss = closure()
+    if getattr(opt, "needs_function_value", False):
+        opt.step(function_value=loss)
+    else:
+        opt.step()
+    return loss
+
+
 def train_step(info: OptimInfo, opt: Any, model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor],
                after_backward: Callable[[], None] | None = None) -> torch.Tensor:
-    """One step: zero grads, forward, backward, ``after_backward()``, step (through a closure if required)."""
+    """One step (:func:`take_step`): zero grads, forward, backward, ``after_backward()``, step."""
 
     def closure() -> torch.Tensor:
         opt.zero_grad(set_to_none=True)
@@ -402,11 +461,7 @@ def train_step(info: OptimInfo, opt: Any, model: nn.Module, batch: tuple[torch.T
             after_backward()
         return loss
 
-    if info.closure_form:
-        return opt.step(closure)
-    loss = closure()
-    opt.step()
-    return loss
+    return take_step(info, opt, closure)
 
 
 def to_eval(info: OptimInfo, opt: Any) -> None:
@@ -431,9 +486,27 @@ def run(info: OptimInfo, opt: Any, model: nn.Module, batches: Iterable[tuple[tor
             to_train(info, opt)
 
 
-def snapshot(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
-    """Detached clones."""
-    return [t.detach().clone() for t in tensors]
+def skip_if_global_step_size(info: OptimInfo, oracle: str) -> None:
+    """Skip a test whose oracle cannot hold when one step size serves all groups.
+
+    Args:
+        oracle: what the test compares against, and why the shared step size breaks it.
+    """
+    if info.global_step_size:
+        pytest.skip(f"{info.name} multiplies every group's lr by one Polyak step size computed from all "
+                    f"groups' gradients and the whole loss: {oracle}")
+
+
+def snapshot(values: Iterable[Any]) -> list[Any]:
+    """Detached clones of tensors, deep copies of anything else (state may hold Python numbers)."""
+    return [v.detach().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v) for v in values]
+
+
+def same_value(actual: Any, expected: Any) -> bool:
+    """Tensors equal (``torch.equal``, same dtype); anything else ``==``."""
+    if isinstance(expected, torch.Tensor):
+        return isinstance(actual, torch.Tensor) and actual.dtype == expected.dtype and torch.equal(actual, expected)
+    return not isinstance(actual, torch.Tensor) and actual == expected
 
 
 # ----------------------------------------------------------------------------- comparisons

@@ -21,7 +21,9 @@ from optim_infos import (
     assert_same_run,
     param_groups,
     run,
+    skip_if_global_step_size,
     snapshot,
+    take_step,
     to_eval,
     to_train,
     train_step,
@@ -245,6 +247,8 @@ def test_add_param_group_mid_run_matches_optimizer_created_then(info, make_two_t
     """A group added at step 10 gets the defaults, trains from its values then, and changes nothing
     for the other groups. Oracle: one optimizer over the MLP from step 0 plus a second optimizer of
     the same class over the independent ``aux`` head created at step 10 (bitwise equal)."""
+    skip_if_global_step_size(info, "with the head's group and loss added, the MLP's groups step differently "
+                                   "than in an optimizer over the MLP alone")
     batches = make_batches(STEPS)
     for config in info.configs:
         model, oracle = make_two_tower(0), make_two_tower(0)
@@ -281,11 +285,7 @@ def _step(info: OptimInfo, opt, loss_fn) -> None:
         loss.backward()
         return loss
 
-    if info.closure_form:
-        opt.step(closure)
-    else:
-        closure()
-        opt.step()
+    take_step(info, opt, closure)
 
 
 def test_zero_grad_sets_none_or_zeros(info, make_model, make_batches):
