@@ -12,23 +12,37 @@ Tasks (all deterministic, nothing downloaded):
 
 The default learning rates are ones at which SP visibly breaks width-independence within a few
 steps; muP, tuned at the base width (where it equals SP), should not.
+
+Across depth (``run_depth_check``, ``run_depth_transfer``; Transformer only, the example model with
+residual blocks) the contrast is muP without depth scaling (``"mup"``, depth-unaware: the plain
+model with ``n_layers`` blocks and the muP optimizer) against CompleteP (``"completep"``, alpha 1)
+or depth-muP (``"depth-mup"``, alpha 1/2): the same model with every residual branch multiplied by
+(L_base / L) ** alpha (``mup_schedulefree.depth.scale_residual_branches``) and the optimizer built
+with ``depth_mult = L / L_base`` and ``depth_alpha``. L_base is the base depth (default: the
+smallest depth), where both are the same model and optimizer. The width stays muP throughout.
+A depth check records the modules that every depth has: the embeddings, the residual stream
+entering the final LayerNorm (``residual``, a probe added to the model), the final LayerNorm
+and the readout.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import Any, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mup_schedulefree.depth import scale_residual_branches
+from mup_schedulefree.scaling import DEPTH_ALPHAS
+
 from coord_checks import data
 from coord_checks.choices import check_choice
 from coord_checks.models import MODEL_NAMES, PARAMETRIZATIONS, build_model
 from coord_checks.optimizers import DEFAULT_LRS, check_optimizer_name, optimizer_factory
-from coord_checks.recording import record_coords
+from coord_checks.recording import check_axes, record_coords
 from coord_checks.transfer import lr_grid, sweep_learning_rates
 
 #: Widths of the default coordinate check per model (16x for MLP and CNN, 8x for the Transformer).
@@ -47,6 +61,14 @@ DEFAULT_STEPS: dict[str, int] = {"adamw": 4, "sgd": 4, "radam": 10, "wrapper": 4
 #: Learning rates that differ from ``DEFAULT_LRS`` for one model.
 _LR_OVERRIDES: dict[tuple[str, str], float] = {("transformer", "sgd"): 1.0}
 BATCH_MODES: tuple[str, ...] = ("fixed", "streaming")
+#: Depth parametrizations: depth-unaware muP (the contrast) and the depth-aware ones, by alpha.
+DEPTH_PARAMETRIZATIONS: tuple[str, ...] = ("mup", "completep", "depth-mup")
+DEPTH_LABELS: dict[float, str] = {1.0: "completep", 0.5: "depth-mup"}
+#: Depths (residual blocks) and width of the default depth check and sweep.
+DEFAULT_DEPTHS: tuple[int, ...] = (2, 4, 8, 16)
+DEFAULT_DEPTH_WIDTHS: tuple[int, ...] = (64,)
+#: Name of the probe that records the residual stream entering the final LayerNorm.
+RESIDUAL = "residual"
 _CONTEXT = 8
 _SEQ_LEN = 16
 _IMAGE = {"channels": 3, "size": 8, "n_classes": 10}
@@ -142,6 +164,29 @@ class Task:
         """
         return build_model(self.model, width, parametrization, **self.model_kwargs)
 
+    def build_deep(self, width: int, depth: int, parametrization: str, base_depth: int) -> nn.Module:
+        """The example Transformer at ``width`` with ``depth`` blocks, in a depth parametrization.
+
+        The width is muP's in every case. ``"mup"`` is the plain model (depth-unaware);
+        ``"completep"`` and ``"depth-mup"`` multiply each residual branch by
+        (base_depth / depth) ** alpha. Each has the ``residual`` probe (see the module docstring).
+
+        Args:
+            width: ``d_model``.
+            depth: number of blocks.
+            parametrization: one of ``DEPTH_PARAMETRIZATIONS``.
+            base_depth: L_base.
+
+        Returns:
+            The model.
+        """
+        model = build_model(self.model, width, "mup", **{**self.model_kwargs, "n_layers": depth})
+        add_residual_probe(model)
+        alpha = depth_alpha_of(parametrization)
+        if alpha is not None:
+            scale_residual_branches(model, depth / base_depth, alpha)
+        return model
+
 
 def make_task(
     model: str,
@@ -191,6 +236,133 @@ def make_task(
         make(held_out_tokens, length, eval_batch_size, n_eval_batches, seed),
         kwargs,
     )
+
+
+def add_residual_probe(model: nn.Module) -> nn.Module:
+    """Add an identity submodule ``residual`` that sees the residual stream entering ``model.ln_f``.
+
+    A forward pre-hook on the final LayerNorm passes its input through the probe, so recording the
+    probe's output records the residual stream after the last block; the forward, the parameters
+    and the state dict are unchanged.
+
+    Args:
+        model: a model with a final LayerNorm ``ln_f`` (the example GPT).
+
+    Returns:
+        The model, with the probe.
+
+    Raises:
+        ValueError: the model has no ``ln_f`` or already has a ``residual`` submodule.
+    """
+    final = getattr(model, "ln_f", None)
+    if not isinstance(final, nn.Module):
+        raise ValueError(f"Invalid model: {type(model).__name__} has no final LayerNorm ln_f to probe")
+    if hasattr(model, RESIDUAL):
+        raise ValueError(f"Invalid model: it already has a {RESIDUAL!r} attribute")
+    probe = nn.Identity()
+    model.add_module(RESIDUAL, probe)
+    final.register_forward_pre_hook(lambda module, inputs: (probe(inputs[0]), *inputs[1:]))
+    return model
+
+
+def depth_alpha_of(parametrization: str) -> float | None:
+    """The residual-branch exponent alpha of a depth parametrization.
+
+    Args:
+        parametrization: one of ``DEPTH_PARAMETRIZATIONS``.
+
+    Returns:
+        1.0 for ``"completep"``, 0.5 for ``"depth-mup"``, None for ``"mup"`` (depth-unaware).
+
+    Raises:
+        ValueError: for any other name.
+    """
+    check_choice("parametrization", parametrization, DEPTH_PARAMETRIZATIONS)
+    return {label: alpha for alpha, label in DEPTH_LABELS.items()}.get(parametrization)
+
+
+def depth_label(depth_alpha: float) -> str:
+    """The depth parametrization of a residual-branch exponent.
+
+    Args:
+        depth_alpha: 1 (CompleteP) or 0.5 (depth-muP).
+
+    Returns:
+        ``"completep"`` or ``"depth-mup"``.
+
+    Raises:
+        ValueError: for any other alpha.
+    """
+    if isinstance(depth_alpha, bool) or depth_alpha not in DEPTH_ALPHAS:
+        raise ValueError(f"Invalid depth_alpha: {depth_alpha!r} (must be one of {DEPTH_ALPHAS}: "
+                         "1 for CompleteP, 0.5 for depth-muP)")
+    return DEPTH_LABELS[float(depth_alpha)]
+
+
+def depth_optimizer_factory(optimizer: str, parametrization: str, lr: float, base_depth: int,
+                            **kwargs: Any) -> Callable[..., torch.optim.Optimizer]:
+    """A ``(named_params, depth=L) -> optimizer`` factory for a depth parametrization.
+
+    Args:
+        optimizer: a name of ``coord_checks.optimizers.OPTIMIZER_NAMES``.
+        parametrization: one of ``DEPTH_PARAMETRIZATIONS``; ``"mup"`` builds the muP optimizer
+            without depth arguments, the others pass ``depth_mult = L / base_depth`` and their alpha.
+        lr: the base learning rate.
+        base_depth: L_base.
+        **kwargs: further optimizer arguments.
+
+    Returns:
+        The factory (called as ``record_coords`` and ``sweep_learning_rates`` call it with depths).
+
+    Raises:
+        ValueError: for an unknown name, parametrization, a non-positive ``lr`` or ``base_depth``.
+    """
+    alpha = depth_alpha_of(parametrization)
+    _check_base_depth(base_depth)
+    optimizer_factory(optimizer, "mup", lr)  # validates the name and lr now
+
+    def make(params: Iterable[Any], depth: int) -> torch.optim.Optimizer:
+        scaling = {} if alpha is None else {"depth_mult": depth / base_depth, "depth_alpha": alpha}
+        return optimizer_factory(optimizer, "mup", lr, **scaling, **kwargs)(params)
+
+    return make
+
+
+def _depth_setup(model: str, depths: Sequence[int] | None, widths: Sequence[int] | None,
+                 base_depth: int | None, depth_alpha: float,
+                 parametrizations: Sequence[str] | None) -> tuple[list[int], list[int], int, list[str]]:
+    """Checked depths, widths, base depth and parametrizations of a depth check or sweep."""
+    if model != "transformer":
+        raise ValueError(f"Invalid model: {model!r} (depth needs residual blocks: only 'transformer' has them)")
+    widths, depths = check_axes(list(DEFAULT_DEPTH_WIDTHS if widths is None else widths),
+                                list(DEFAULT_DEPTHS if depths is None else depths))
+    base_depth = _check_base_depth(min(depths) if base_depth is None else base_depth)
+    if parametrizations is None:
+        parametrizations = ("mup", depth_label(depth_alpha))
+    if not parametrizations or any(p not in DEPTH_PARAMETRIZATIONS for p in parametrizations):
+        raise ValueError(f"Invalid parametrizations: {list(parametrizations)} (must be a non-empty subset "
+                         f"of {DEPTH_PARAMETRIZATIONS})")
+    return widths, depths, base_depth, list(parametrizations)
+
+
+def _check_base_depth(base_depth: Any) -> int:
+    """``base_depth``, checked to be a positive int."""
+    if isinstance(base_depth, bool) or not isinstance(base_depth, int) or base_depth <= 0:
+        raise ValueError(f"Invalid base_depth: {base_depth!r} (must be a positive int)")
+    return base_depth
+
+
+def not_in_blocks(name: str, module: nn.Module) -> bool:
+    """Module selector of a depth check: every module outside the residual blocks (every depth has them).
+
+    Args:
+        name: the module's name.
+        module: the module (unused).
+
+    Returns:
+        Whether ``name`` lies outside ``blocks``.
+    """
+    return not name.startswith("blocks.")
 
 
 def _check_parametrizations(parametrizations: Sequence[str]) -> list[str]:
@@ -349,6 +521,145 @@ def run_transfer(
             progress=progress,
             eval_steps=eval_steps,
             weight_decays=weight_decays,
+        )
+        for parametrization in parametrizations
+    ]
+    return pd.concat(frames, ignore_index=True)
+
+
+def run_depth_check(
+    model: str = "transformer",
+    optimizer: str = "adamw",
+    depths: Sequence[int] | None = None,
+    widths: Sequence[int] | None = None,
+    base_depth: int | None = None,
+    depth_alpha: float = 1.0,
+    steps: int | None = None,
+    seeds: Sequence[int] = (0, 1, 2),
+    sequences: Sequence[str] = ("y", "x"),
+    lr: float | None = None,
+    batches: str = "fixed",
+    batch_size: int | None = None,
+    statistics: Sequence[str] = ("l1",),
+    parametrizations: Sequence[str] | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+    record_steps: Sequence[int] | None = None,
+) -> pd.DataFrame:
+    """Coordinate check across depth: depth-unaware muP against CompleteP (or depth-muP).
+
+    Records the modules outside the blocks and the ``residual`` probe (see the module docstring);
+    judge the frame with ``coord_checks.verdict.judge``, which then fits slopes against log2(depth).
+
+    Args:
+        model: ``"transformer"`` (the only example model with residual blocks).
+        optimizer: a name of ``coord_checks.optimizers.OPTIMIZER_NAMES``.
+        depths: numbers of blocks, at least two distinct (default ``DEFAULT_DEPTHS``).
+        widths: ``d_model``, one or more (default ``DEFAULT_DEPTH_WIDTHS``).
+        base_depth: L_base (default: the smallest depth).
+        depth_alpha: the depth-aware side: 1 (CompleteP) or 0.5 (depth-muP).
+        steps: recorded steps, step 1 being the initialisation (default ``DEFAULT_STEPS``).
+        seeds: initialisation seeds.
+        sequences: ``"y"`` and/or ``"x"``.
+        lr: base learning rate (default ``default_lr(model, optimizer)``).
+        batches: ``"fixed"`` or ``"streaming"``.
+        batch_size: sequences per batch (default ``DEFAULT_BATCH_SIZES[model]``).
+        statistics: statistics to record.
+        parametrizations: of ``DEPTH_PARAMETRIZATIONS`` (default ``"mup"`` and ``depth_alpha``'s).
+        device: where to train.
+        progress: show tqdm progress bars.
+        record_steps: the steps to record (default every step).
+
+    Returns:
+        The recording frame (``coord_checks.recording.DEPTH_COLUMNS``).
+
+    Raises:
+        ValueError: for a model other than the Transformer, bad depths, widths, base depth, alpha,
+            parametrizations, optimizer or batch mode.
+    """
+    widths, depths, base_depth, parametrizations = _depth_setup(model, depths, widths, base_depth, depth_alpha,
+                                                                parametrizations)
+    check_optimizer_name(optimizer)
+    if batches not in BATCH_MODES:
+        raise ValueError(f"batches must be one of {BATCH_MODES}, got {batches!r}")
+    steps = DEFAULT_STEPS[optimizer] if steps is None else steps
+    lr = default_lr(model, optimizer) if lr is None else lr
+    task = make_task(model, n_batches=1 if batches == "fixed" else steps, batch_size=batch_size)
+    frames = [
+        record_coords(
+            model_factory=lambda w, d, p=parametrization: task.build_deep(w, d, p, base_depth),
+            optimizer_factory=depth_optimizer_factory(optimizer, parametrization, lr, base_depth),
+            widths=widths, depths=depths, batches=task.train_batches, loss_fn=cross_entropy, steps=steps,
+            seeds=seeds, statistics=statistics, sequences=sequences, modules=not_in_blocks, device=device,
+            parametrization=parametrization, progress=progress, record_steps=record_steps,
+        )
+        for parametrization in parametrizations
+    ]
+    return pd.concat(frames, ignore_index=True)
+
+
+def run_depth_transfer(
+    model: str = "transformer",
+    optimizer: str = "adamw",
+    depths: Sequence[int] | None = None,
+    widths: Sequence[int] | None = None,
+    base_depth: int | None = None,
+    depth_alpha: float = 1.0,
+    lrs: Sequence[float] | None = None,
+    seeds: Sequence[int] = (0,),
+    steps: int = 100,
+    batch_size: int = 32,
+    n_eval_batches: int = 4,
+    eval_batch_size: int = 256,
+    parametrizations: Sequence[str] | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
+    eval_steps: Sequence[int] | None = None,
+) -> pd.DataFrame:
+    """Learning-rate sweep across depth: depth-unaware muP against CompleteP (or depth-muP).
+
+    The data and evaluation are ``run_transfer``'s; fit with ``coord_checks.transfer.fit_optima``
+    (one optimum per width and depth) and ``optimum_drift(..., axis="depth")``.
+
+    Args:
+        model: ``"transformer"``.
+        optimizer: a name of ``coord_checks.optimizers.OPTIMIZER_NAMES``.
+        depths: numbers of blocks, at least two distinct (default ``DEFAULT_DEPTHS``).
+        widths: ``d_model``, one or more (default ``DEFAULT_DEPTH_WIDTHS``).
+        base_depth: L_base (default: the smallest depth).
+        depth_alpha: the depth-aware side: 1 (CompleteP) or 0.5 (depth-muP).
+        lrs: learning-rate grid (default ``default_lr_grid(model, optimizer)``).
+        seeds: initialisation seeds.
+        steps: optimizer steps per run.
+        batch_size: sequences per training batch.
+        n_eval_batches: held-out batches.
+        eval_batch_size: sequences per held-out batch.
+        parametrizations: of ``DEPTH_PARAMETRIZATIONS`` (default ``"mup"`` and ``depth_alpha``'s).
+        device: where to train.
+        progress: show tqdm progress bars.
+        eval_steps: also evaluate every run at these step counts.
+
+    Returns:
+        The sweep frame (``coord_checks.transfer.SWEEP_COLUMNS`` with ``depth`` after ``width``).
+
+    Raises:
+        ValueError: for a model other than the Transformer, bad depths, widths, base depth, alpha,
+            parametrizations or optimizer.
+    """
+    widths, depths, base_depth, parametrizations = _depth_setup(model, depths, widths, base_depth, depth_alpha,
+                                                                parametrizations)
+    check_optimizer_name(optimizer)
+    lrs = default_lr_grid(model, optimizer) if lrs is None else lrs
+    task = make_task(model, n_batches=steps, batch_size=batch_size, n_eval_batches=n_eval_batches,
+                     eval_batch_size=eval_batch_size)
+    frames = [
+        sweep_learning_rates(
+            model_factory=lambda w, d, p=parametrization: task.build_deep(w, d, p, base_depth),
+            optimizer_factory=lambda params, lr, depth, p=parametrization, **decay: depth_optimizer_factory(
+                optimizer, p, lr, base_depth, **decay)(params, depth=depth),
+            widths=widths, depths=depths, lrs=list(lrs), train_batches=task.train_batches,
+            eval_batches=task.eval_batches, loss_fn=cross_entropy, steps=steps, seeds=seeds, device=device,
+            parametrization=parametrization, progress=progress, eval_steps=eval_steps,
         )
         for parametrization in parametrizations
     ]

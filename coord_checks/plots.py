@@ -17,9 +17,14 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
+from coord_checks.verdict import check_axis
+
 _STYLE = {"font.size": 8, "axes.titlesize": 8, "legend.fontsize": 7, "axes.grid": True,
           "grid.alpha": 0.3}
 _PARAM_TITLES = {"sp": "standard parametrization (SP)", "mup": "muP"}
+#: Panel titles of a depth check or sweep, whose contrast is depth-unaware muP.
+_DEPTH_TITLES = {"mup": "muP, depth-unaware", "completep": "CompleteP (alpha = 1)",
+                 "depth-mup": "depth-muP (alpha = 1/2)"}
 _SEQUENCE_TITLES = {"y": "y (training point)", "x": "x (evaluation point)"}
 
 
@@ -52,33 +57,62 @@ def _ordered(values: pd.Series, preferred: Sequence[str]) -> list[str]:
     return [v for v in preferred if v in present] + [v for v in present if v not in preferred]
 
 
+def at_largest_other(frame: pd.DataFrame, axis: str) -> tuple[pd.DataFrame, str]:
+    """The rows of ``frame`` at the largest value of the axis that is not drawn, and a note naming it.
+
+    Args:
+        frame: a recording or sweep frame.
+        axis: the drawn axis, ``"width"`` or ``"depth"``.
+
+    Returns:
+        ``(rows, note)``: all rows and ``""`` when the other axis is absent or single-valued, else
+        the rows at its largest value and e.g. ``"width 64"``.
+    """
+    other = "depth" if axis == "width" else "width"
+    if other not in frame.columns or frame[other].nunique() < 2:
+        return frame, ""
+    largest = frame[other].max()
+    return frame[frame[other] == largest], f"{other} {largest}"
+
+
+def _titles(axis: str) -> dict[str, str]:
+    return _DEPTH_TITLES if axis == "depth" else _PARAM_TITLES
+
+
 def plot_coords(
     frame: pd.DataFrame,
     statistic: str = "l1",
     max_steps: int = 4,
     title: str | None = None,
+    axis: str | None = None,
 ) -> Figure:
-    """Coordinate-check figure: statistic against width, one line per module.
+    """Coordinate-check figure: statistic against width (or depth), one line per module.
 
-    Layout: one block per parametrization side by side (SP left, muP right); inside each block a
-    row per sequence (y, then x) and a panel per step. Both axes are logarithmic (base 2 for
-    width); lines are the mean over seeds. Flat lines mean width-independent activations.
+    Layout: one block per parametrization side by side (SP left, muP right; across depth,
+    depth-unaware muP left); inside each block a row per sequence (y, then x) and a panel per step.
+    Both axes are logarithmic (base 2 for width or depth); lines are the mean over seeds. Flat lines
+    mean width-independent (depth-independent) activations.
 
     Args:
-        frame: a recording frame (``coord_checks.recording.COLUMNS``).
+        frame: a recording frame (``coord_checks.recording.COLUMNS`` or ``DEPTH_COLUMNS``).
         statistic: which statistic to draw.
         max_steps: most step panels per row (steps are spread evenly, first and last kept).
         title: figure title.
+        axis: the abscissa, ``"width"`` or ``"depth"`` (default: depth when the frame holds two
+            depths or more). A frame that varies along both is drawn at the other axis's largest value.
 
     Returns:
         The figure.
 
     Raises:
-        ValueError: if the frame has no rows for ``statistic``.
+        ValueError: if the frame has no rows for ``statistic``, or for a bad ``axis``.
     """
+    axis = check_axis(frame, axis)
     rows = frame[frame["statistic"] == statistic]
     if rows.empty:
         raise ValueError(f"statistic {statistic!r} not in frame")
+    rows, fixed = at_largest_other(rows, axis)
+    titles = _titles(axis)
     params = _ordered(rows["parametrization"], ("sp", "mup"))
     sequences = _ordered(rows["sequence"], ("y", "x"))
     steps = pick_steps(rows["step"].unique(), max_steps)
@@ -90,7 +124,7 @@ def plot_coords(
         for i, m in enumerate(modules)
     }
     keys = ["parametrization", "sequence", "step", "module"]
-    means = rows.groupby([*keys, "width"], sort=False)["value"].mean()
+    means = rows.groupby([*keys, axis], sort=False)["value"].mean()
     curves = {
         key: curve.droplevel(keys)
         for key, curve in means.groupby(level=list(range(len(keys))), sort=False)
@@ -106,7 +140,7 @@ def plot_coords(
         )
         subfigs = np.atleast_1d(fig.subfigures(1, len(params), wspace=0.03))
         for subfig, param in zip(subfigs, params):
-            subfig.suptitle(_PARAM_TITLES.get(param, param), fontweight="bold")
+            subfig.suptitle(titles.get(param, param) + (f", {fixed}" if fixed else ""), fontweight="bold")
             axes = subfig.subplots(len(sequences), len(steps), sharex=True, sharey="row", squeeze=False)
             for r, seq in enumerate(sequences):
                 for c, step in enumerate(steps):
@@ -121,7 +155,7 @@ def plot_coords(
                     ax.set_yscale("log", nonpositive="mask")
                     ax.set_title(f"{seq}, step {step}")
                     if r == len(sequences) - 1:
-                        ax.set_xlabel("width")
+                        ax.set_xlabel("depth (residual blocks)" if axis == "depth" else "width")
                     if c == 0:
                         ax.set_ylabel(f"{_SEQUENCE_TITLES.get(seq, seq)}\nmean {statistic}")
         handles = {m: matplotlib.lines.Line2D([], [], marker=".", lw=1.0, **styles[m])
@@ -137,8 +171,9 @@ def plot_over_time(
     table: pd.DataFrame,
     fail_slope: float = 0.25,
     title: str | None = None,
+    axis: str = "width",
 ) -> Figure:
-    """Width slope of every module against the step, for a long run recorded at log-spaced steps.
+    """Width (or depth) slope of every module against the step, for a long run recorded at log-spaced steps.
 
     One panel per parametrization (columns, SP left) and sequence (rows). A line above the dashed
     fail threshold at the end of the run keeps growing with width; one that comes down and stays
@@ -148,11 +183,14 @@ def plot_over_time(
         table: a judged table (``Verdict.table``); ``init`` rows are left out.
         fail_slope: the threshold drawn (``Thresholds.fail_slope``).
         title: figure title.
+        axis: the judged axis (``Verdict.axis``), for the labels; a table judged along depth at
+            several widths is drawn at the largest width.
 
     Returns:
         The figure.
     """
-    rows = table[table["status"] != "init"]
+    rows, fixed = at_largest_other(table[table["status"] != "init"], axis)
+    titles = _titles(axis)
     params = _ordered(rows["parametrization"], ("sp", "mup"))
     sequences = _ordered(rows["sequence"], ("y", "x"))
     modules = list(dict.fromkeys(rows["module"]))
@@ -175,11 +213,11 @@ def plot_over_time(
                 ax.axhline(0.0, color="black", lw=0.6)
                 ax.set_xscale("log", base=2)
                 ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}"))
-                ax.set_title(f"{_PARAM_TITLES.get(param, param)}, {seq}")
+                ax.set_title(f"{titles.get(param, param)}, {seq}" + (f", {fixed}" if fixed else ""))
                 if r == len(sequences) - 1:
                     ax.set_xlabel("step")
                 if c == 0:
-                    ax.set_ylabel("width slope of log2(statistic)")
+                    ax.set_ylabel(f"{axis} slope of log2(statistic)")
         handles = [matplotlib.lines.Line2D([], [], marker=".", lw=1.0, **styles[m]) for m in modules]
         handles.append(matplotlib.lines.Line2D([], [], color="firebrick", ls="--", lw=0.9))
         fig.legend(handles, [*modules, f"fail above {fail_slope:g}"], loc="outside right center",
@@ -195,8 +233,9 @@ def plot_transfer(
     loss: str = "eval_loss",
     title: str | None = None,
     panel: str = "parametrization",
+    axis: str = "width",
 ) -> Figure:
-    """Learning-rate transfer figure: loss against learning rate, one line per width.
+    """Learning-rate transfer figure: loss against learning rate, one line per width (or depth).
 
     One panel per parametrization (SP left, muP right), or per value of ``panel``, sharing the y axis. Lines are the mean
     over seeds; diverged runs are left out. With ``optima`` (from ``fit_optima``) each width's
@@ -209,15 +248,25 @@ def plot_transfer(
         title: figure title.
         panel: the column whose values get a panel each (``"role"`` for a
             ``coord_checks.diagnose`` sweep, whose learning rate is that of one role).
+        axis: the column with a line per value, ``"width"`` or ``"depth"`` (a sweep across depth,
+            with a ``depth`` column; one that varies along both is drawn at the largest width).
 
     Returns:
         The figure.
+
+    Raises:
+        ValueError: for a bad ``axis``.
     """
+    axis = check_axis(sweep, axis)
+    sweep, fixed = at_largest_other(sweep, axis)
+    if optima is not None:
+        optima, _ = at_largest_other(optima, axis)
+    titles = _titles(axis)
     params = _ordered(sweep[panel], ("sp", "mup"))
-    widths = sorted(sweep["width"].unique())
+    points = sorted(sweep[axis].unique())
     cmap = matplotlib.colormaps["viridis"]
-    colours = {w: cmap(0.85 * i / max(len(widths) - 1, 1)) for i, w in enumerate(widths)}
-    curves = sweep.groupby([panel, "width", "lr"])[loss].mean()
+    colours = {v: cmap(0.85 * i / max(len(points) - 1, 1)) for i, v in enumerate(points)}
+    curves = sweep.groupby([panel, axis, "lr"])[loss].mean()
     finite = curves[np.isfinite(curves.to_numpy())]
     low = float(finite.min()) if len(finite) else 0.0
     high = float(finite.quantile(0.9)) if len(finite) else 1.0
@@ -228,22 +277,23 @@ def plot_transfer(
                      layout="constrained")
         axes = np.atleast_1d(fig.subplots(1, len(params), sharey=True))
         for ax, param in zip(axes, params):
-            for width in widths:
-                if (param, width) not in curves.index:
+            for point in points:
+                if (param, point) not in curves.index:
                     continue
-                curve = curves.loc[(param, width)]
+                curve = curves.loc[(param, point)]
                 ax.plot(curve.index, curve.to_numpy(), marker="o", ms=3, lw=1.2,
-                        color=colours[width], label=f"width {width}")
+                        color=colours[point], label=f"{axis} {point}")
                 if optima is not None:
-                    match = optima[(optima[panel] == param) & (optima["width"] == width)]
+                    match = optima[(optima[panel] == param) & (optima[axis] == point)]
                     for _, row in match.iterrows():
-                        ax.axvline(row["lr_opt"], color=colours[width], ls=":", lw=1.0)
+                        ax.axvline(row["lr_opt"], color=colours[point], ls=":", lw=1.0)
                         ax.plot([row["lr_opt"]], [row["best_loss"]], marker="*", ms=9,
-                                color=colours[width], mec="black", mew=0.5)
+                                color=colours[point], mec="black", mew=0.5)
             ax.set_xscale("log", base=2)
             if panel == "parametrization":
-                ax.set_xlabel("learning rate (base width)" if param == "mup" else "learning rate")
-                ax.set_title(_PARAM_TITLES.get(param, param), fontweight="bold")
+                base = "base depth" if axis == "depth" and param != "mup" else "base width"
+                ax.set_xlabel(f"learning rate ({base})" if param != "sp" else "learning rate")
+                ax.set_title(titles.get(param, param) + (f", {fixed}" if fixed else ""), fontweight="bold")
             else:
                 ax.set_xlabel(f"learning rate of the {param} parameters")
                 ax.set_title(f"{panel} {param}", fontweight="bold")
@@ -255,8 +305,8 @@ def plot_transfer(
     return fig
 
 
-def plot_anytime(optima: pd.DataFrame, title: str | None = None) -> Figure:
-    """Anytime transfer figure: the optimal learning rate against the training length, one line per width.
+def plot_anytime(optima: pd.DataFrame, title: str | None = None, axis: str = "width") -> Figure:
+    """Anytime transfer figure: the optimal learning rate against the training length, one line per width (or depth).
 
     One panel per parametrization (SP left), sharing the y axis. Lines that lie on top of each other
     mean the optimum transfers across widths at every horizon; a line's slope shows how the optimum
@@ -265,12 +315,20 @@ def plot_anytime(optima: pd.DataFrame, title: str | None = None) -> Figure:
     Args:
         optima: ``coord_checks.transfer.fit_optima(sweep, by=("parametrization", "step"))``.
         title: figure title.
+        axis: the column with a line per value, ``"width"`` or ``"depth"`` (optima of a sweep across
+            depth; one that varies along both is drawn at the largest width).
 
     Returns:
         The figure.
+
+    Raises:
+        ValueError: for a bad ``axis``.
     """
+    axis = check_axis(optima, axis)
+    optima, fixed = at_largest_other(optima, axis)
+    titles = _titles(axis)
     params = _ordered(optima["parametrization"], ("sp", "mup"))
-    widths = sorted(optima["width"].unique())
+    widths = sorted(optima[axis].unique())
     cmap = matplotlib.colormaps["viridis"]
     colours = {w: cmap(0.85 * i / max(len(widths) - 1, 1)) for i, w in enumerate(widths)}
     with matplotlib.rc_context(_STYLE):
@@ -278,11 +336,11 @@ def plot_anytime(optima: pd.DataFrame, title: str | None = None) -> Figure:
         axes = np.atleast_1d(fig.subplots(1, len(params), sharey=True))
         for ax, param in zip(axes, params):
             for width in widths:
-                rows = optima[(optima["parametrization"] == param) & (optima["width"] == width)]
+                rows = optima[(optima["parametrization"] == param) & (optima[axis] == width)]
                 rows = rows.sort_values("step")
                 if rows.empty:
                     continue
-                ax.plot(rows["step"], rows["lr_opt"], lw=1.2, color=colours[width], label=f"width {width}")
+                ax.plot(rows["step"], rows["lr_opt"], lw=1.2, color=colours[width], label=f"{axis} {width}")
                 edge = rows["at_edge"].to_numpy(dtype=bool)
                 ax.plot(rows["step"][~edge], rows["lr_opt"][~edge], "o", ms=4, color=colours[width])
                 ax.plot(rows["step"][edge], rows["lr_opt"][edge], "o", ms=5, mfc="none", color=colours[width])
@@ -290,7 +348,7 @@ def plot_anytime(optima: pd.DataFrame, title: str | None = None) -> Figure:
             ax.set_yscale("log", base=2)
             ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}"))
             ax.set_xlabel("training steps (evaluated at x)")
-            ax.set_title(_PARAM_TITLES.get(param, param), fontweight="bold")
+            ax.set_title(titles.get(param, param) + (f", {fixed}" if fixed else ""), fontweight="bold")
             ax.legend(loc="best")
         axes[0].set_ylabel("optimal learning rate")
         if title:

@@ -1,4 +1,4 @@
-"""Record per-module activation statistics across widths while a schedule-free optimizer trains.
+"""Record per-module activation statistics across widths (and depths) while a schedule-free optimizer trains.
 
 A schedule-free optimizer keeps the parameters at the training point y while it trains and moves
 them to the evaluation point x on ``optimizer.eval()``. ``record_coords`` measures both: at every
@@ -11,7 +11,9 @@ Step ``t`` (1-based) is the forward pass after ``t - 1`` optimizer updates, as i
 (BatchNorm normalises with the batch's own statistics) and its buffer updates are undone.
 
 The result is one tidy DataFrame, one row per (parametrization, width, seed, step, sequence,
-module, statistic), with the statistic computed in float32.
+module, statistic), with the statistic computed in float32. Given ``depths`` (numbers of residual
+blocks), every (width, depth) pair is a model and the frame has a ``depth`` column after ``width``
+(``DEPTH_COLUMNS``); without it the frame is exactly as before (``COLUMNS``).
 """
 from __future__ import annotations
 
@@ -40,6 +42,8 @@ SEQUENCES: tuple[str, ...] = ("y", "x")
 COLUMNS: tuple[str, ...] = (
     "parametrization", "width", "seed", "step", "sequence", "module", "statistic", "value"
 )
+#: Columns of a frame recorded across depths: ``COLUMNS`` with ``depth`` after ``width``.
+DEPTH_COLUMNS: tuple[str, ...] = COLUMNS[:2] + ("depth",) + COLUMNS[2:]
 
 
 def resolve_statistics(statistics: Sequence[str] | Mapping[str, StatisticFn]) -> dict[str, StatisticFn]:
@@ -268,8 +272,9 @@ def record_coords(
     parametrization: str = "mup",
     progress: bool = False,
     record_steps: Sequence[int] | None = None,
+    depths: Sequence[int] | None = None,
 ) -> pd.DataFrame:
-    """Train one model per (width, seed) for ``steps`` steps and record module output statistics.
+    """Train one model per (width, seed), or per (width, depth, seed), and record module output statistics.
 
     Before each model is built the global generator is seeded with ``torch.manual_seed(seed)``
     (the caller's generator state is restored on return); the batches are the same for every
@@ -277,11 +282,14 @@ def record_coords(
 
     Args:
         model_factory: ``width -> model`` with base shapes already set (see
-            ``coord_checks.models.build_model``), on the CPU or on ``device``.
+            ``coord_checks.models.build_model``), on the CPU or on ``device``; with ``depths``,
+            ``(width, depth) -> model``.
         optimizer_factory: ``params -> optimizer``, e.g. ``lambda p: MuAdamW_ScheduleFree(p,
             lr=1e-2)``; it must have ``train()``/``eval()`` to record the x sequence. An
-            optimizer whose step needs the loss gets it (see ``take_step``).
-        widths: at least two distinct positive widths.
+            optimizer whose step needs the loss gets it (see ``take_step``). With ``depths`` it
+            is called as ``optimizer_factory(model.named_parameters(), depth=depth)`` (a depth
+            rule needs the names, to find the parameters inside residual blocks).
+        widths: at least two distinct positive widths; with ``depths``, at least one.
         batches: ``(inputs, targets)`` pairs; step ``t`` uses ``batches[(t - 1) % len(batches)]``,
             so one batch gives a fixed batch and ``steps`` batches a stream.
         loss_fn: ``(model_output, targets) -> scalar loss``.
@@ -298,18 +306,19 @@ def record_coords(
         record_steps: the steps to record (default: every step); the model still trains for
             ``steps`` steps, so ``coord_checks.custom.log_spaced_steps(200)`` watches a long run
             at 16 steps' cost of recording.
+        depths: numbers of residual blocks, at least two distinct (default None: width only).
 
     Returns:
         A DataFrame with columns ``COLUMNS``: parametrization, width, seed, step, sequence, module,
-        statistic, value.
+        statistic, value; with ``depths``, ``DEPTH_COLUMNS`` (a ``depth`` column after ``width``).
 
     Raises:
-        ValueError: for empty or non-positive widths, fewer than two distinct widths, ``steps <
-            1``, no batches, an unknown sequence or statistic, or ``record_steps`` outside
-            1 .. ``steps``.
+        ValueError: for empty or non-positive widths, fewer than two distinct widths (or depths,
+            when given), ``steps < 1``, no batches, an unknown sequence or statistic, or
+            ``record_steps`` outside 1 .. ``steps``.
         TypeError: if the x sequence is requested and the optimizer has no ``eval``/``train``.
     """
-    widths = check_widths(widths)
+    widths, depths = check_axes(widths, depths)
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
     if len(batches) == 0:
@@ -329,14 +338,18 @@ def record_coords(
     device_batches = [_to_device(b, device) for b in batches]
 
     rows: list[tuple] = []
-    runs = list(itertools.product(seeds, widths))
+    runs = list(itertools.product(seeds, widths, [None] if depths is None else depths))
     bar = tqdm(runs, desc=f"coord check [{parametrization}]", leave=False,
                disable=None if progress else True)
     with torch.random.fork_rng(devices=rng_devices(device)):
-        for seed, width in bar:
+        for seed, width, depth in bar:
             torch.manual_seed(seed)
-            model = model_factory(width).to(device)
-            optimizer = optimizer_factory(model.parameters())
+            if depth is None:
+                model = model_factory(width).to(device)
+                optimizer = optimizer_factory(model.parameters())
+            else:
+                model = model_factory(width, depth).to(device)
+                optimizer = optimizer_factory(model.named_parameters(), depth=depth)
             if "x" in sequences and not (hasattr(optimizer, "eval") and hasattr(optimizer, "train")):
                 raise TypeError(
                     f"optimizer_factory returned {type(optimizer).__name__}, which has no "
@@ -347,10 +360,11 @@ def record_coords(
                 for step, sequence, module, stat, value in _train_and_record(
                     model, optimizer, recorder, device_batches, loss_fn, steps, sequences, record_at
                 ):
-                    rows.append((parametrization, width, seed, step, sequence, module, stat, value))
+                    at = (width,) if depth is None else (width, depth)
+                    rows.append((parametrization, *at, seed, step, sequence, module, stat, value))
             finally:
                 recorder.remove()
-    return pd.DataFrame(rows, columns=list(COLUMNS))
+    return pd.DataFrame(rows, columns=list(COLUMNS if depths is None else DEPTH_COLUMNS))
 
 
 def check_widths(widths: Sequence[int]) -> list[int]:
@@ -374,3 +388,39 @@ def check_widths(widths: Sequence[int]) -> list[int]:
     if len(set(widths)) < 2:
         raise ValueError(f"widths must hold at least two distinct widths, got {list(widths)}")
     return list(widths)
+
+
+def check_axes(widths: Sequence[int], depths: Sequence[int] | None) -> tuple[list[int], list[int] | None]:
+    """Validate the widths and depths of a check or sweep.
+
+    Without depths, the widths are the varying axis (``check_widths``). With depths, at least
+    two distinct depths vary and one width or more is enough (several widths: both axes vary).
+
+    Args:
+        widths: model widths.
+        depths: numbers of residual blocks, or None.
+
+    Returns:
+        ``(widths, depths)`` as lists of ints (depths None when not given).
+
+    Raises:
+        ValueError: a width or depth that is not a positive int, no width, fewer than two distinct
+            widths without depths, or fewer than two distinct depths.
+        TypeError: if ``widths`` or ``depths`` is not a sequence.
+    """
+    if depths is None:
+        return check_widths(widths), None
+    return _positive_ints("widths", widths, 1), _positive_ints("depths", depths, 2)
+
+
+def _positive_ints(name: str, values: Sequence[int], distinct: int) -> list[int]:
+    """``values`` as a list, checked to hold positive ints, at least ``distinct`` of them distinct."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise TypeError(f"{name} must be a sequence of ints, got {type(values).__name__}")
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{name} must be positive ints, got {value!r}")
+    if len(set(values)) < distinct:
+        raise ValueError(f"{name} must hold at least {distinct} distinct value{'s' * (distinct > 1)}, "
+                         f"got {list(values)}")
+    return list(values)

@@ -9,6 +9,10 @@ per width as the vertex of a parabola fitted to the seed-mean loss against log2(
 grid minimum; ``optimum_drift`` reports how far that optimum moves across widths, in octaves
 (factors of two of the learning rate). Under muP the drift should be small; under standard
 parametrization with Adam-like optimizers the optimum moves to smaller rates as width grows.
+
+Across depth (``depths=``: numbers of residual blocks) every (width, depth) pair is a model, the
+sweep frame has a ``depth`` column after ``width``, ``fit_optima`` fits one optimum per (width,
+depth) and ``optimum_drift(..., axis="depth")`` reports the drift across depths.
 """
 from __future__ import annotations
 
@@ -24,13 +28,15 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from coord_checks.data import Batch
-from coord_checks.recording import check_widths, rng_devices, take_step
+from coord_checks.recording import check_axes, rng_devices, take_step
 
 logger = logging.getLogger(__name__)
 
 SWEEP_COLUMNS: tuple[str, ...] = (
     "parametrization", "width", "lr", "log2_lr", "seed", "step", "train_loss", "eval_loss", "diverged"
 )
+#: Columns a drift is measured along (the abscissa of its trend).
+DRIFT_AXES: tuple[str, ...] = ("width", "depth")
 
 
 def lr_grid(center: float, octaves: int, points_per_octave: int = 1) -> list[float]:
@@ -218,14 +224,17 @@ def sweep_learning_rates(
     progress: bool = False,
     eval_steps: Sequence[int] | None = None,
     weight_decays: Sequence[float] | None = None,
+    depths: Sequence[int] | None = None,
 ) -> pd.DataFrame:
-    """Train every (width, lr, seed) for a fixed budget and record the held-out loss at x.
+    """Train every (width, lr, seed), or (width, depth, lr, seed), for a fixed budget and record the held-out loss at x.
 
     Args:
         model_factory: ``width -> model`` with base shapes set; the global generator is seeded
-            with ``torch.manual_seed(seed)`` before each call (and restored on return).
-        optimizer_factory: ``(params, lr) -> optimizer``.
-        widths: at least two distinct positive widths.
+            with ``torch.manual_seed(seed)`` before each call (and restored on return). With
+            ``depths``: ``(width, depth) -> model``.
+        optimizer_factory: ``(params, lr) -> optimizer``; with ``depths`` it is called as
+            ``(model.named_parameters(), lr, depth=depth)`` (a depth rule needs the names).
+        widths: at least two distinct positive widths; with ``depths``, at least one.
         lrs: learning rates, ideally log2-spaced (see ``lr_grid``).
         train_batches: training batches, cycled.
         eval_batches: held-out batches.
@@ -239,17 +248,19 @@ def sweep_learning_rates(
             ``steps`` is always one of them.
         weight_decays: if given, a second grid axis: ``optimizer_factory`` is called as
             ``(params, lr, weight_decay=wd)`` for every ``wd`` (see ``fit_joint_optima``).
+        depths: numbers of residual blocks, at least two distinct (default None: width only).
 
     Returns:
-        A DataFrame with columns ``SWEEP_COLUMNS`` (and ``weight_decay`` after ``log2_lr`` when
-        weight decays are swept), one row per evaluation (``diverged`` marks runs whose loss became
-        non-finite by then; their losses are ``nan``).
+        A DataFrame with columns ``SWEEP_COLUMNS`` (with ``depth`` after ``width`` when depths are
+        swept, and ``weight_decay`` after ``log2_lr`` when weight decays are), one row per
+        evaluation (``diverged`` marks runs whose loss became non-finite by then; their losses are
+        ``nan``).
 
     Raises:
-        ValueError: for bad widths, an empty or non-positive lr grid, ``steps < 1``, missing
+        ValueError: for bad widths or depths, an empty or non-positive lr grid, ``steps < 1``, missing
             batches, ``eval_steps`` outside 1 .. ``steps``, or a negative or empty weight-decay grid.
     """
-    widths = check_widths(widths)
+    widths, depths = check_axes(widths, depths)
     if not lrs or any(not lr > 0 for lr in lrs):
         raise ValueError(f"lrs must be a non-empty list of positive rates, got {list(lrs)}")
     if not isinstance(steps, int) or steps < 1:
@@ -268,21 +279,29 @@ def sweep_learning_rates(
     eval_batches = [(x.to(device), y.to(device)) for x, y in eval_batches]
 
     records = []
-    runs = list(itertools.product(widths, lrs, [None] if weight_decays is None else weight_decays, seeds))
+    runs = list(itertools.product(widths, [None] if depths is None else depths, lrs,
+                                  [None] if weight_decays is None else weight_decays, seeds))
     bar = tqdm(runs, desc=f"lr sweep [{parametrization}]", leave=False,
                disable=None if progress else True)
     with torch.random.fork_rng(devices=rng_devices(device)):
-        for width, lr, wd, seed in bar:
+        for width, depth, lr, wd, seed in bar:
             torch.manual_seed(seed)
-            model = model_factory(width).to(device)
             decay = {} if wd is None else {"weight_decay": wd}
-            optimizer = optimizer_factory(model.parameters(), lr, **decay)
+            if depth is None:
+                model = model_factory(width).to(device)
+                optimizer = optimizer_factory(model.parameters(), lr, **decay)
+            else:
+                model = model_factory(width, depth).to(device)
+                optimizer = optimizer_factory(model.named_parameters(), lr, depth=depth, **decay)
+            at = (width,) if depth is None else (width, depth)
             for step, train_loss, eval_loss in train_and_evaluate_at(
                 model, optimizer, train_batches, eval_batches, loss_fn, eval_at
             ):
-                records.append((parametrization, width, lr, math.log2(lr), *decay.values(), seed, step,
+                records.append((parametrization, *at, lr, math.log2(lr), *decay.values(), seed, step,
                                 train_loss, eval_loss, math.isnan(eval_loss)))
     columns = list(SWEEP_COLUMNS)
+    if depths is not None:
+        columns.insert(columns.index("width") + 1, "depth")
     if weight_decays is not None:
         columns.insert(columns.index("log2_lr") + 1, "weight_decay")
     return pd.DataFrame(records, columns=columns)
@@ -325,12 +344,12 @@ def fit_optima(sweep: pd.DataFrame, half_window: int = 1, loss: str = "eval_loss
         sweep: a frame from ``sweep_learning_rates``.
         half_window: neighbours on each side of the grid minimum used in the fit.
         loss: which loss column to use.
-        by: the columns that, with ``width``, make one curve (``("role",)`` for a diagnosis,
-            ``("parametrization", "step")`` for an anytime sweep).
+        by: the columns that, with ``width`` (and ``depth``, in a sweep across depth), make one
+            curve (``("role",)`` for a diagnosis, ``("parametrization", "step")`` for an anytime sweep).
         warn_at_edge: log a warning for each optimum at the edge of the grid.
 
     Returns:
-        One row per (``*by``, width): ``grid_lr`` (the grid minimum), ``log2_lr_opt`` and
+        One row per (``*by``, width), or (``*by``, width, depth): ``grid_lr`` (the grid minimum), ``log2_lr_opt`` and
         ``lr_opt`` (the parabola vertex), ``best_loss`` and ``at_edge`` (True when the grid
         minimum lies on the grid's first or last point, so the optimum may lie outside the grid).
 
@@ -345,10 +364,12 @@ def fit_optima(sweep: pd.DataFrame, half_window: int = 1, loss: str = "eval_loss
         if column in sweep.columns and column not in by and sweep[column].nunique() > 1:
             raise ValueError(f"sweep holds several {column} values {sorted(sweep[column].unique())}: pass "
                              f"by=(..., {column!r}), select one, or use fit_joint_optima")
+    points = ["width", *(["depth"] if "depth" in sweep.columns and "depth" not in by else [])]
     records = []
-    for key, rows in sweep.groupby([*by, "width"], sort=False):
-        *labels, width = key
+    for key, rows in sweep.groupby([*by, *points], sort=False):
+        labels, at = key[:len(by)], dict(zip(points, key[len(by):]))
         where = ", ".join(f"{column}={label!r}" for column, label in zip(by, labels))
+        width = ", ".join(f"{value}" if column == "width" else f"{column} {value}" for column, value in at.items())
         curve = rows.groupby("log2_lr")[loss].mean().sort_index()
         finite = curve[np.isfinite(curve.to_numpy())]
         if finite.empty:
@@ -364,7 +385,7 @@ def fit_optima(sweep: pd.DataFrame, half_window: int = 1, loss: str = "eval_loss
         records.append(
             {
                 **dict(zip(by, labels)),
-                "width": width,
+                **at,
                 "grid_lr": 2.0**log2_grid,
                 "log2_lr_opt": vertex,
                 "lr_opt": 2.0**vertex,
@@ -375,24 +396,34 @@ def fit_optima(sweep: pd.DataFrame, half_window: int = 1, loss: str = "eval_loss
     return pd.DataFrame(records)
 
 
-def optimum_drift(optima: pd.DataFrame, by: Sequence[str] = ("parametrization",)) -> pd.DataFrame:
-    """How far the optimal learning rate moves across widths, per parametrization.
+def optimum_drift(optima: pd.DataFrame, by: Sequence[str] = ("parametrization",),
+                  axis: str = "width") -> pd.DataFrame:
+    """How far the optimal learning rate moves across widths (or depths), per parametrization.
 
     Args:
         optima: a frame from ``fit_optima``.
         by: the columns of one curve, as given to ``fit_optima``.
+        axis: ``"width"`` or ``"depth"``: the drift across this column's values (optima from a
+            sweep across depth have both columns; the other axis is then a group key too).
 
     Returns:
-        One row per parametrization (per value of ``by``): ``drift_octaves`` (max minus min of log2 lr_opt across
-        widths), ``trend`` (least-squares slope of log2 lr_opt against log2 width; about -1 means
-        the optimum halves whenever the width doubles), ``width_ratio`` (largest over smallest
-        width) and ``any_at_edge``.
+        One row per parametrization (per value of ``by``, and of the other axis where the optima
+        have both): ``drift_octaves`` (max minus min of log2 lr_opt across widths), ``trend``
+        (least-squares slope of log2 lr_opt against log2 width; about -1 means the optimum halves
+        whenever the width doubles), ``width_ratio`` (largest over smallest width) and
+        ``any_at_edge``; along depth, the same against depth, with ``depth_ratio``.
+
+    Raises:
+        ValueError: an ``axis`` not in ``DRIFT_AXES`` or not a column of ``optima``.
     """
-    by = list(by)
+    if axis not in DRIFT_AXES or axis not in optima.columns:
+        raise ValueError(f"Invalid axis: {axis!r} (must be one of {DRIFT_AXES} and a column of the optima)")
+    other = "depth" if axis == "width" else "width"
+    by = [*by, *([other] if other in optima.columns and other not in by else [])]
     records = []
     for key, rows in optima.groupby(by, sort=False):
         key = key if isinstance(key, tuple) else (key,)
-        log2_w = np.log2(rows["width"].to_numpy(dtype=float))
+        log2_w = np.log2(rows[axis].to_numpy(dtype=float))
         log2_lr = rows["log2_lr_opt"].to_numpy(dtype=float)
         trend = float(np.polyfit(log2_w, log2_lr, 1)[0]) if len(rows) >= 2 else math.nan
         records.append(
@@ -400,7 +431,7 @@ def optimum_drift(optima: pd.DataFrame, by: Sequence[str] = ("parametrization",)
                 **dict(zip(by, key)),
                 "drift_octaves": float(log2_lr.max() - log2_lr.min()),
                 "trend": trend,
-                "width_ratio": float(rows["width"].max() / rows["width"].min()),
+                f"{axis}_ratio": float(rows[axis].max() / rows[axis].min()),
                 "any_at_edge": bool(rows["at_edge"].any()),
             }
         )

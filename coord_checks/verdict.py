@@ -1,4 +1,4 @@
-"""Judge a coordinate-check frame: do module statistics stay width-independent?
+"""Judge a coordinate-check frame: do module statistics stay width-independent (or depth-independent)?
 
 For every (parametrization, sequence, module, step) the statistic is first averaged over seeds at
 each width; then
@@ -29,6 +29,12 @@ module is classified by how its width slope behaves across steps:
 
 Only keeps-growing fails the check over time.
 
+Across depth (a frame recorded with ``depths``, which has a ``depth`` column) the same judgement
+runs against log2(depth) instead, at each width: ``judge(frame, axis="depth")``, the default when
+the frame holds two depths or more. A slope of 1 then means the statistic doubles whenever the
+number of residual blocks doubles. Only modules recorded at every depth are judged (a deeper model
+has blocks a shallower one lacks). ``axis="width"`` judges a depth frame across widths, at each depth.
+
 Everything here is a pure function of the frame produced by ``coord_checks.recording``.
 """
 from __future__ import annotations
@@ -47,6 +53,8 @@ _STATUS_RANK = {"fail": 3, "warn": 2, "pass": 1, "init": 0}
 #: Behaviours over time, in increasing order of concern.
 BEHAVIOURS: tuple[str, ...] = ("flat", "grows-then-settles", "keeps-growing")
 MODULE_KEYS: tuple[str, ...] = ("parametrization", "sequence", "module")
+#: The axes a frame can be judged along (the column whose log2 is the abscissa of the slope).
+AXES: tuple[str, ...] = ("width", "depth")
 
 
 @dataclass(frozen=True)
@@ -101,20 +109,74 @@ def fit_width_scaling(values_by_width: pd.Series) -> tuple[float, float]:
     return slope, float(values.max() / values.min())
 
 
-def width_scaling(frame: pd.DataFrame, statistic: str = "l1") -> pd.DataFrame:
-    """Slope and spread across widths for every (parametrization, sequence, module, step).
+def default_axis(frame: pd.DataFrame) -> str:
+    """The axis a frame is judged along by default: ``"depth"`` if it holds two depths or more, else ``"width"``.
 
     Args:
-        frame: a recording frame (columns of ``coord_checks.recording.COLUMNS``).
+        frame: a recording frame.
+
+    Returns:
+        ``"depth"`` or ``"width"``.
+    """
+    return "depth" if "depth" in frame.columns and frame["depth"].nunique() > 1 else "width"
+
+
+def check_axis(frame: pd.DataFrame, axis: str | None) -> str:
+    """Validate the axis to judge or plot ``frame`` along.
+
+    Args:
+        frame: a recording frame (or a judged table).
+        axis: ``"width"``, ``"depth"`` or None (``default_axis``).
+
+    Returns:
+        The axis.
+
+    Raises:
+        ValueError: an axis not in ``AXES``, or ``"depth"`` for a frame without a ``depth`` column.
+    """
+    if axis is None:
+        return default_axis(frame)
+    if axis not in AXES:
+        raise ValueError(f"Invalid axis: {axis!r} (must be one of {AXES})")
+    if axis == "depth" and "depth" not in frame.columns:
+        raise ValueError("Invalid axis: 'depth' (the frame has no depth column: record it with depths=[...])")
+    return axis
+
+
+def other_axis(frame: pd.DataFrame, axis: str) -> list[str]:
+    """The other axis's column, as a group key, where the frame has it.
+
+    Args:
+        frame: a recording frame (or a judged table).
+        axis: the judged axis.
+
+    Returns:
+        ``["depth"]`` or ``["width"]``, or ``[]`` (a width frame judged along width).
+    """
+    other = "depth" if axis == "width" else "width"
+    return [other] if other in frame.columns else []
+
+
+def width_scaling(frame: pd.DataFrame, statistic: str = "l1", axis: str = "width") -> pd.DataFrame:
+    """Slope and spread across widths (or depths) for every (parametrization, sequence, module, step).
+
+    Args:
+        frame: a recording frame (columns of ``coord_checks.recording.COLUMNS``, or
+            ``DEPTH_COLUMNS``).
         statistic: which statistic to judge.
+        axis: ``"width"`` (slope against log2 width) or ``"depth"`` (against log2 depth, at each
+            width; only modules recorded at every depth).
 
     Returns:
         One row per group with columns parametrization, sequence, module, step, slope, spread,
-        n_widths, in the frame's module order.
+        n_widths, in the frame's module order; a frame with a depth column has the other axis's
+        column after step (``depth`` when judged along width, ``width`` along depth), and along
+        depth the count is ``n_depths``.
 
     Raises:
-        ValueError: if the frame lacks columns or rows for ``statistic``.
+        ValueError: if the frame lacks columns or rows for ``statistic``, or for a bad ``axis``.
     """
+    axis = check_axis(frame, axis)
     missing = {*GROUP_KEYS, "width", "statistic", "value"} - set(frame.columns)
     if missing:
         raise ValueError(f"frame lacks columns {sorted(missing)}")
@@ -122,12 +184,17 @@ def width_scaling(frame: pd.DataFrame, statistic: str = "l1") -> pd.DataFrame:
     if rows.empty:
         available = sorted(frame["statistic"].unique())
         raise ValueError(f"statistic {statistic!r} not in frame; it holds {available}")
-    means = rows.groupby([*GROUP_KEYS, "width"], sort=False)["value"].mean()
+    keys = [*GROUP_KEYS, *other_axis(frame, axis)]
+    if axis == "depth":
+        depths = rows["depth"].nunique()
+        everywhere = rows.groupby("module", sort=False)["depth"].nunique() == depths
+        rows = rows[rows["module"].map(everywhere)]
+    means = rows.groupby([*keys, axis], sort=False)["value"].mean()
     records = []
-    for key, curve in means.groupby(level=list(range(len(GROUP_KEYS))), sort=False):
-        slope, spread = fit_width_scaling(curve.droplevel(list(range(len(GROUP_KEYS)))))
+    for key, curve in means.groupby(level=list(range(len(keys))), sort=False):
+        slope, spread = fit_width_scaling(curve.droplevel(list(range(len(keys)))))
         records.append((*key, slope, spread, curve.size))
-    return pd.DataFrame(records, columns=[*GROUP_KEYS, "slope", "spread", "n_widths"])
+    return pd.DataFrame(records, columns=[*keys, "slope", "spread", f"n_{axis}s"])
 
 
 def classify(
@@ -158,12 +225,14 @@ def behaviour_over_time(table: pd.DataFrame, settle_fraction: float = 0.5) -> pd
 
     Args:
         table: a judged table (``Verdict.table``: one row per parametrization, sequence, module and
-            step, with slope and status); ``init`` rows are ignored.
+            step, with slope and status); ``init`` rows are ignored. A table judged along one axis
+            of a frame that has both is classified per value of the other axis.
         settle_fraction: a module settles if no step fails from ``settle_step`` on and
             ``settle_step <= settle_fraction * last step``.
 
     Returns:
-        One row per (parametrization, sequence, module): ``behaviour`` (``flat``,
+        One row per (parametrization, sequence, module, and the other axis where the table has
+        it): ``behaviour`` (``flat``,
         ``grows-then-settles`` or ``keeps-growing``), ``settle_step`` (the first recorded step after
         the last failing one; empty for flat and keeps-growing), ``peak_step`` and ``peak_slope``
         (the largest width slope), ``final_slope``, ``final_status`` (the last step's status) and
@@ -175,8 +244,9 @@ def behaviour_over_time(table: pd.DataFrame, settle_fraction: float = 0.5) -> pd
     if not 0 < settle_fraction <= 1:
         raise ValueError(f"settle_fraction must be in (0, 1], got {settle_fraction}")
     judged = table[table["status"] != "init"]
+    keys = [*MODULE_KEYS, *[column for column in ("width", "depth") if column in table.columns]]
     records = []
-    for key, rows in judged.groupby(list(MODULE_KEYS), sort=False):
+    for key, rows in judged.groupby(keys, sort=False):
         rows = rows.sort_values("step")
         steps = rows["step"].to_numpy()
         failing = (rows["status"] == "fail").to_numpy()
@@ -194,7 +264,7 @@ def behaviour_over_time(table: pd.DataFrame, settle_fraction: float = 0.5) -> pd
         records.append((*key, behaviour, settle_step, int(steps[peak]), float(slopes[peak]),
                         float(slopes[-1]), final_status,
                         "fail" if behaviour == "keeps-growing" else final_status))
-    columns = [*MODULE_KEYS, "behaviour", "settle_step", "peak_step", "peak_slope", "final_slope",
+    columns = [*keys, "behaviour", "settle_step", "peak_step", "peak_slope", "final_slope",
                "final_status", "status"]
     result = pd.DataFrame(records, columns=columns)
     result["settle_step"] = result["settle_step"].astype("Int64")
@@ -213,6 +283,7 @@ class Verdict:
         over_time: judge each module by its behaviour over the steps (``behaviour_over_time``):
             only keeps-growing fails; warnings are those of the last step.
         settle_fraction: see ``behaviour_over_time``.
+        axis: ``"width"`` or ``"depth"``: the slopes are against log2 of this column.
     """
 
     table: pd.DataFrame
@@ -220,6 +291,7 @@ class Verdict:
     thresholds: Thresholds
     over_time: bool = False
     settle_fraction: float = 0.5
+    axis: str = "width"
 
     def behaviour(self) -> pd.DataFrame:
         """Each module's behaviour across steps.
@@ -348,12 +420,12 @@ class Verdict:
         Returns:
             Multi-line text.
         """
-        t = self.thresholds
+        t, axis = self.thresholds, self.axis
         lines = [
-            "Coordinate check verdict: "
+            ("Coordinate check verdict: " if axis == "width" else "Depth coordinate check verdict: ")
             + ", ".join(f"{p} {self.headline(p)}" for p in self.table["parametrization"].unique()),
-            f"  statistic {self.statistic!r}; slope of log2(statistic) vs log2(width), spread = "
-            f"max/min over widths; pass: |slope| < {t.pass_slope:g} and spread < "
+            f"  statistic {self.statistic!r}; slope of log2(statistic) vs log2({axis}), spread = "
+            f"max/min over {axis}s; pass: |slope| < {t.pass_slope:g} and spread < "
             f"{t.pass_spread:g}; fail: slope > {t.fail_slope:g}; warn: anything between",
             "",
             _to_text(self.summary()),
@@ -368,7 +440,7 @@ class Verdict:
             shown = shown.groupby(["parametrization", "sequence"], sort=False).head(n_worst)
             lines += [
                 f"Over time ({len(steps)} recorded steps, {steps[0]} to {steps[-1]}): modules that grow "
-                f"with width at some step (up to {n_worst} per parametrization and sequence; "
+                f"with {axis} at some step (up to {n_worst} per parametrization and sequence; "
                 f"{int((behaviour['behaviour'] == 'flat').sum())} flat not shown); only keeps-growing fails:",
                 _to_text(shown.drop(columns=["_rank", "status"])),
             ]
@@ -395,12 +467,13 @@ def judge(
     init_step: int = 1,
     over_time: bool = False,
     settle_fraction: float = 0.5,
+    axis: str | None = None,
 ) -> Verdict:
     """Judge a recording frame.
 
     Args:
         frame: a recording frame (columns of ``coord_checks.recording.COLUMNS``) with at least two
-            widths.
+            widths, or one recorded across depths (``DEPTH_COLUMNS``) with at least two depths.
         statistic: the statistic to judge (``"l1"``, mean absolute value, by default).
         thresholds: pass/fail limits.
         init_exempt: substrings of module names not judged at ``init_step``.
@@ -409,18 +482,24 @@ def judge(
             log-spaced steps (see ``behaviour_over_time``): only a module that keeps growing with
             width fails.
         settle_fraction: see ``behaviour_over_time``.
+        axis: judge slopes against log2 ``"width"`` or log2 ``"depth"`` (at each width); default
+            ``default_axis(frame)``: depth when the frame holds two depths or more.
 
     Returns:
         A ``Verdict``.
+
+    Raises:
+        ValueError: for a frame without the columns or the statistic, or a bad ``axis``.
     """
-    table = width_scaling(frame, statistic)
+    axis = check_axis(frame, axis)
+    table = width_scaling(frame, statistic, axis)
     status = [classify(s, r, thresholds) for s, r in zip(table["slope"], table["spread"])]
     exempt = (table["step"] == init_step) & table["module"].map(
         lambda name: any(pattern in name for pattern in init_exempt)
     )
     table["status"] = np.where(exempt, "init", status)
     verdict = Verdict(table=table, statistic=statistic, thresholds=thresholds, over_time=over_time,
-                      settle_fraction=settle_fraction)
+                      settle_fraction=settle_fraction, axis=axis)
     verdict.behaviour()  # validates settle_fraction now, not at the first report
     return verdict
 
