@@ -91,7 +91,7 @@ def test_advance_gives_the_published_lr_ckp1_and_bias_corrections(rule, hyper):
         assert group["k"] == k
         lr, adaptive = published_lr(rule.name, group, k)
         expected_lrs.append(lr)
-        scalars = rules.advance(rule, group)
+        scalars = rule.advance(group)
         got.append(scalars)
         if rule.name != "AdamW":  # RAdam: sqrt vs ** 0.5; paper: lr * (sched * sqrt(bc2)), another product order
             assert scalars["lr"] == pytest.approx(lr, rel=4 * 2.0**-52, abs=0.0), k
@@ -124,9 +124,9 @@ def test_radam_silent_phase_takes_no_step_and_gives_it_no_averaging_weight():
     5; lr and ckp1 are 0 in those four steps, and the first adaptive step gets ckp1 = 1 (its weight is
     the whole sum)."""
     group = new_group(rules.RADAM, lr=0.01)
-    silent = [rules.advance(rules.RADAM, group) for _ in range(4)]
+    silent = [rules.RADAM.advance(group) for _ in range(4)]
     assert [(s["lr"], s["ckp1"], s["adaptive"]) for s in silent] == [(0.0, 0.0, False)] * 4
-    first = rules.advance(rules.RADAM, group)
+    first = rules.RADAM.advance(group)
     assert first["adaptive"] is True and first["lr"] > 0.0 and first["ckp1"] == 1.0
 
 
@@ -135,7 +135,7 @@ def test_schedule_reads_the_group_and_writes_nothing(rule, hyper):
     """The schedule and scalars of a record are pure: the group is unchanged, and asking twice agrees."""
     group = new_group(rule, **hyper)
     for _ in range(3):
-        rules.advance(rule, group)
+        rule.advance(group)
     before = dict(group)
     schedule = rule.schedule(group)
     assert rule.schedule(group) == schedule

@@ -17,14 +17,16 @@ from __future__ import annotations
 
 import operator
 from itertools import chain
-from typing import Any, Callable, Iterable, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, NamedTuple
 
 import torch
 from torch.optim import Optimizer
 
 from .. import kernels
 from ..schedule import averaging_weight
-from ..validation import check_range
+
+if TYPE_CHECKING:
+    from .rules import Rule
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 MASTER = "param_fp32"
@@ -64,41 +66,11 @@ def describe_parameter(group: dict[str, Any], index: int, p: torch.Tensor) -> st
     return f"parameter {index} of its group (shape {tuple(p.shape)})"
 
 
-def check_betas(betas: Any, *, beta1_name: str = "betas[0]") -> None:
-    """Validate an Adam (beta1, beta2) pair: 0 < beta1 < 1 and 0 <= beta2 < 1.
-
-    beta1 must be positive because the evaluation point x is recovered from y and z by dividing
-    by beta1.
-
-    Args:
-        betas: the pair supplied by the user.
-        beta1_name: name used for the first coefficient in messages.
-    """
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"Invalid betas: {betas!r} (must be a pair (beta1, beta2))")
-    check_range(beta1_name, betas[0], 0.0, 1.0, low_open=True)
-    check_range("betas[1]", betas[1], 0.0, 1.0)
-
-
-def check_common(group: dict[str, Any]) -> None:
-    """Validate the hyperparameters every schedule-free group has.
-
-    Args:
-        group: a parameter group with defaults filled in.
-    """
-    check_range("lr", group["lr"], 0.0)
-    check_range("weight_decay", group["weight_decay"], 0.0)
-    check_range("r", group["r"], 0.0)
-    check_range("weight_lr_power", group["weight_lr_power"], 0.0)
-    if "eps" in group:
-        check_range("eps", group["eps"], 0.0)
-    if "warmup_steps" in group:
-        warmup = group["warmup_steps"]
-        if isinstance(warmup, bool) or not isinstance(warmup, int):
-            raise TypeError(f"Invalid warmup_steps: {warmup!r} (must be a non-negative int, got {type(warmup).__name__})")
-        check_range("warmup_steps", warmup, 0.0)
-    check_flags(group)
-
+# Docstring fragments (Args entries) of the kernel flags, formatted into each class's docstring.
+FLAGS_DOC = """foreach: list-wide ``_foreach`` ops for the eager path (default: on for non-CPU devices).
+        fused: native single-pass kernel for CPU float32 tensors (default: on where available).
+        master_weights: float32 master copy and state for float16/bfloat16 parameters (default True)."""
+IGNORED_FLAGS_DOC = "foreach, fused: accepted for signature compatibility and ignored."
 
 OPTIONAL_FLAGS = ("foreach", "fused")
 SWITCHES = ("master_weights", "silent_sgd_phase", "decay_at_z")
@@ -350,46 +322,27 @@ def _flags(group: dict[str, Any]) -> tuple:
 class ScheduleFreeCore(Optimizer):
     """State, schedules and serialization shared by every schedule-free form.
 
-    An update rule is a mixin that defines:
-        ``_beta(group)``: the interpolation coefficient between z and x.
-        ``_moment_keys(group)``: names of the zero-initialised state tensors besides z that the
-            group's hyperparameters call for (created lazily, on a parameter's next step).
-        ``_native_op(group)``: the group's fused primal step in ``native.OPS`` ("" for none).
-        ``_validate(group)``: hyperparameter checks (raise ValueError naming the argument).
-        ``_advance(group)``: advance the group's schedule by one step (called once per group and
-            step, with or without gradients) and return the kernel's scalar arguments.
-        ``_kernel(lists, scalars, **flags, masters)``: apply the update to parallel lists
-            [points, grads, z, *moments] (where a point's master is not None, the point is a
-            low-precision parameter whose float32 master the math updates); ``kernels.route``
-            decides the path of each tensor from the group's flags, unless ``prepared`` (a step
-            plan's native call, gradients bound) is given.
-    A form (:class:`PrimalForm`, :class:`ClosureForm`) defines where the parameter sits and how
-    ``step`` is driven.
+    A class names its update rule as ``rule``, a :class:`~mup_schedulefree.optimizers.rules.Rule`
+    record: the validation of its hyperparameters, beta, the moments it keeps, its schedule and its
+    kernel. A form (:class:`PrimalForm`, :class:`ClosureForm`, the reference form) defines where the
+    parameter sits and how ``step`` is driven; the class declares its arguments and docstring.
     """
 
+    rule: ClassVar[Rule]
+
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any]) -> None:
+        """Validate the hyperparameters with the class's rule (a list of betas becomes a tuple), then
+        build the groups with the schedule's bookkeeping beside them.
+
+        Args:
+            params: iterable of parameters or of dicts defining parameter groups.
+            defaults: the class's hyperparameters, as its arguments gave them.
+        """
+        if isinstance(defaults.get("betas"), list):
+            defaults = {**defaults, "betas": tuple(defaults["betas"])}
+        self.rule.validate(defaults)
         super().__init__(params, {**SCHEDULE_DEFAULTS, **defaults})
         self.register_load_state_dict_pre_hook(check_saved_state)
-
-    def _beta(self, group: dict[str, Any]) -> float:
-        raise NotImplementedError
-
-    def _moment_keys(self, group: dict[str, Any]) -> tuple[str, ...]:
-        return ()
-
-    def _native_op(self, group: dict[str, Any]) -> str:
-        return ""
-
-    def _validate(self, group: dict[str, Any]) -> None:
-        check_common(group)
-
-    def _advance(self, group: dict[str, Any]) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def _kernel(self, lists: list[list[torch.Tensor]], scalars: dict[str, Any], *, fused: bool | None,
-                foreach: bool | None, closure_form: bool, masters: list[torch.Tensor | None] | None,
-                prepared: Any = None) -> None:
-        raise NotImplementedError
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a parameter group; its hyperparameters are validated before anything changes.
@@ -399,7 +352,7 @@ class ScheduleFreeCore(Optimizer):
         """
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
-        self._validate({**self.defaults, **param_group})
+        self.rule.validate({**self.defaults, **param_group})
         super().add_param_group(param_group)
         self._plans = None
 
@@ -435,7 +388,7 @@ class ScheduleFreeCore(Optimizer):
             state[MASTER] = p.detach().to(torch.float32, copy=True)
         elif not master:
             state.pop(MASTER, None)
-        for key in ("z", *self._moment_keys(group), *((MASTER,) if master else ())):
+        for key in ("z", *self.rule.moment_keys(group), *((MASTER,) if master else ())):
             tensor = state.get(key)  # a moment switched on since the last step is created by _init_state
             if tensor is not None and (tensor.dtype != state_dtype or tensor.device != p.device):
                 state[key] = tensor.to(device=p.device, dtype=state_dtype)
@@ -447,7 +400,7 @@ class ScheduleFreeCore(Optimizer):
         state dict), and a value that fails half way through a step would leave earlier groups
         stepped and later ones not. The error names the group.
         """
-        check_each_group(self.param_groups, self._validate)
+        check_each_group(self.param_groups, self.rule.validate)
 
     def _check_state(self) -> None:
         """Raise, naming the parameter, if some state no longer fits its parameter; change nothing.
@@ -510,14 +463,14 @@ class ScheduleFreeCore(Optimizer):
                 state_dtype = torch.float32
                 state[MASTER] = p.detach().to(torch.float32, copy=True)
             state["z"] = p.detach().to(state_dtype, copy=True)
-        for key in self._moment_keys(group):
+        for key in self.rule.moment_keys(group):
             if key not in state:
                 state[key] = torch.zeros_like(p, dtype=state["z"].dtype, memory_format=torch.preserve_format)
 
     def _lists(self, group: dict[str, Any], params: list[torch.Tensor]) -> list[list[torch.Tensor | None]]:
         """Parallel lists [parameters, gradients, z, *moments, masters] of the group's ``params`` (a master
-        is None where there is none; the moments are those of ``_moment_keys(group)``)."""
-        keys = self._moment_keys(group)
+        is None where there is none; the moments are those of ``rule.moment_keys(group)``)."""
+        keys = self.rule.moment_keys(group)
         points, grads, zs, masters = [], [], [], []
         moments: list[list[torch.Tensor]] = [[] for _ in keys]
         for p in params:
@@ -551,13 +504,13 @@ class ScheduleFreeCore(Optimizer):
         if any("z" not in self.state[p] for p in active):
             return None
         states = [self.state[p] for p in active]
-        keys = ("z", *self._moment_keys(group)) + ((MASTER,) if any(MASTER in st for st in states) else ())
+        keys = ("z", *self.rule.moment_keys(group)) + ((MASTER,) if any(MASTER in st for st in states) else ())
         plan = dict(params_list=params, params=tuple(params), has_grad=has_grad,
                     pointers=[p.data_ptr() for p in active], states=states,
                     state_tensors={key: [st.get(key) for st in states] for key in keys},
                     state_pointers={key: _pointers(st.get(key) for st in states) for key in keys},
                     flags=_flags(group), calls=None)
-        op = self._native_op(group)
+        op = self.rule.native_op(group)
         if lib is None or not op or any(p.is_complex() or local(p) is not p for p in active):
             return GroupPlan(**plan)
         calls = []
@@ -630,12 +583,12 @@ class ScheduleFreeCore(Optimizer):
 
     def _step_group(self, group: dict[str, Any], params: list[torch.Tensor], closure_form: bool) -> None:
         """Advance the group's schedule once, then update the parameters that have gradients."""
-        scalars = self._advance(group)
+        scalars = self.rule.advance(group)
         for p in params:
             self._init_state(group, p)
         *lists, masters = self._lists(group, params)
-        self._kernel(lists, scalars, fused=group.get("fused"), foreach=group.get("foreach"), closure_form=closure_form,
-                     masters=masters)
+        self.rule.step_(lists, scalars, fused=group.get("fused"), foreach=group.get("foreach"),
+                        closure_form=closure_form, masters=masters)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load state as ``torch.optim.Optimizer`` does, keeping each state tensor's saved dtype.
@@ -645,7 +598,7 @@ class ScheduleFreeCore(Optimizer):
         """
         check_is_state_dict(self, state_dict)
         state_dict = {**state_dict, "param_groups": [upgrade_saved_group(g) for g in state_dict["param_groups"]]}
-        check_each_group(state_dict["param_groups"], lambda saved: self._validate({**self.defaults, **saved}),
+        check_each_group(state_dict["param_groups"], lambda saved: self.rule.validate({**self.defaults, **saved}),
                          saved=True)
         self._plans = None
         super().load_state_dict(state_dict)
@@ -796,7 +749,7 @@ class PrimalForm(ModalForm):
         for group in self.param_groups:
             if group["train_mode"] == to_train:
                 continue
-            beta = self._beta(group)
+            beta = self.rule.beta(group)
             weight = 1.0 - beta if to_train else 1.0 - 1.0 / beta
             self._move_points(group, [p for p in group["params"] if "z" in self.state.get(p, ())], weight)
             group["train_mode"] = to_train
@@ -823,7 +776,7 @@ class PrimalForm(ModalForm):
                 self._align_state(group, p)
             copies = [self._point(p).detach().clone(memory_format=torch.preserve_format) for p in params]
             kernels.lerp_([real_view(local(c)) for c in copies], [real_view(local(self.state[p]["z"])) for p in params],
-                          1.0 - 1.0 / self._beta(group), foreach=group.get("foreach"), fused=group.get("fused"))
+                          1.0 - 1.0 / self.rule.beta(group), foreach=group.get("foreach"), fused=group.get("fused"))
             points.update((p, c if c.dtype == p.dtype else c.to(p.dtype)) for p, c in zip(params, copies))
         return points
 
@@ -844,10 +797,10 @@ class PrimalForm(ModalForm):
         if ready is not None:
             share_lr_ratios(self.param_groups)
             for group, calls in zip(self.param_groups, ready):
-                scalars = self._advance(group)
+                scalars = self.rule.advance(group)
                 for prepared, lists, masters in calls:
-                    self._kernel(lists, scalars, fused=True, foreach=False, closure_form=False, masters=masters,
-                                 prepared=prepared)
+                    self.rule.step_(lists, scalars, fused=True, foreach=False, closure_form=False, masters=masters,
+                                    prepared=prepared)
             return loss
         self._check_state()
         self._check_gradients()
@@ -906,12 +859,12 @@ class ClosureForm(ScheduleFreeCore):
                 active = [p for p in group["params"] if p.grad is not None]
                 idle = [p for p in group["params"] if p.grad is None and "z" in self.state.get(p, ())]
                 self._step_group(group, active, closure_form=True)
-                self._move_points(group, idle, 1.0 - 1.0 / self._beta(group))
+                self._move_points(group, idle, 1.0 - 1.0 / self.rule.beta(group))
         return loss
 
     def _move_all(self, to_y: bool) -> None:
         """Move every parameter with state from x to y, or back (the closure failed)."""
         for group in self.param_groups:
-            beta = self._beta(group)
+            beta = self.rule.beta(group)
             self._move_points(group, [p for p in group["params"] if "z" in self.state.get(p, ())],
                               1.0 - beta if to_y else 1.0 - 1.0 / beta)

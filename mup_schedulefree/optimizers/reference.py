@@ -13,18 +13,18 @@ import torch
 from torch.optim import Optimizer
 
 from .. import kernels
-from ..schedule import warmup_multiplier
-from .adamw import AdamWRule
-from .base import (SCHEDULE_DEFAULTS, ModalForm, advance_schedule, check_each_group, check_is_state_dict,
-                   check_saved_state, check_state_shapes, real_view, share_lr_ratios,
+from .base import (IGNORED_FLAGS_DOC, SCHEDULE_DEFAULTS, ModalForm, advance_schedule, check_each_group,
+                   check_is_state_dict, check_saved_state, check_state_shapes, real_view, share_lr_ratios,
                    stored_points_at_x, switch_stored_points, train_mode_closure)
-from .sgd import SGDRule
+from .rules import (ADAMW, ADAMW_ARGS_DOC, ADAMW_UPDATE_DOC, INNER_MOMENTUM_DOC, PARAMS_DOC, SGD, SGD_ARGS_DOC,
+                    SGD_UPDATE_DOC)
 from .wrapper import PREFIX, WrapperShell, check_plain_base, check_wrapper_group
 
 
 class _ReferenceForm(ModalForm):
     """Stores x, y, z for every parameter; the parameter holds y (train) or x (eval), and mode
-    switches copy the stored point in. Complex parameters are updated as their real view."""
+    switches copy the stored point in. Complex parameters are updated as their real view. The
+    step's scalars come from the class's rule, and so does the direction of each tensor."""
 
     def _align_state(self, group: dict[str, Any], p: torch.Tensor) -> None:
         """Keep every stored point and moment on the parameter's device and in its dtype."""
@@ -46,10 +46,6 @@ class _ReferenceForm(ModalForm):
         """
         return stored_points_at_x(self)
 
-    def _direction(self, group: dict[str, Any], state: dict[str, torch.Tensor], grad: torch.Tensor,
-                   k: int) -> torch.Tensor:
-        raise NotImplementedError
-
     @kernels.compile_disabled
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -63,9 +59,9 @@ class _ReferenceForm(ModalForm):
         """
         loss = self._begin_step(closure)
         for group in self.param_groups:
-            k = group["k"]
-            lr, ckp1 = advance_schedule(group, warmup_multiplier(k, group["warmup_steps"]))
-            beta = self._beta(group)
+            scalars = self.rule.advance(group)
+            lr, ckp1 = scalars["lr"], scalars["ckp1"]
+            beta = self.rule.beta(group)
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -73,13 +69,13 @@ class _ReferenceForm(ModalForm):
                 if "z" not in state:
                     for key in ("x", "y", "z"):
                         state[key] = p.detach().clone()
-                for key in self._moment_keys(group):  # all on the first step; inner momentum once switched on
+                for key in self.rule.moment_keys(group):  # all on the first step; inner momentum once switched on
                     if key not in state:
                         state[key] = torch.zeros_like(p)
                 real = {key: real_view(value) for key, value in state.items()}
                 x, y, z = real["x"], real["y"], real["z"]
                 decay_point = z if group.get("decay_at_z", False) else y
-                z.sub_(self._direction(group, real, real_view(p.grad), k) + group["weight_decay"] * decay_point,
+                z.sub_(self.rule.direction(real, real_view(p.grad), scalars) + group["weight_decay"] * decay_point,
                        alpha=lr)
                 x.mul_(1.0 - ckp1).add_(z, alpha=ckp1)
                 y.copy_(beta * x + (1.0 - beta) * z)
@@ -87,59 +83,58 @@ class _ReferenceForm(ModalForm):
         return loss
 
 
-class AdamWScheduleFreeReference(AdamWRule, _ReferenceForm):
-    """Reference Schedule-Free AdamW (x, y, z stored). Same arguments as :class:`AdamWScheduleFree`,
-    plus ``decay_at_z`` (take the weight decay at z instead of y). ``foreach``/``fused`` are
-    accepted for signature compatibility and ignored.
+class AdamWScheduleFreeReference(_ReferenceForm):
+    __doc__ = f"""Reference Schedule-Free AdamW (x, y, z stored).
 
-    With ``inner_momentum`` = mu > 0 the direction is (m / (1 - mu^(k+1))) / (sqrt(v / (1 - beta2^(k+1)))
-    + eps), with m <- mu m + (1 - mu) g kept as ``exp_avg``.
+    {ADAMW_UPDATE_DOC}
 
     Example::
 
         opt = AdamWScheduleFreeReference(model.parameters(), lr=1e-3)
+
+    Args:
+        {PARAMS_DOC}
+        {ADAMW_ARGS_DOC}
+        decay_at_z: take the weight decay at z instead of y (default False).
+        {INNER_MOMENTUM_DOC}
+        {IGNORED_FLAGS_DOC}
     """
+
+    rule = ADAMW
+    mup_rule = ADAMW.mup_rule  # the muP scaling rule (see scaling.py) that fits this update
 
     def __init__(self, params: Iterable[Any], lr: float | torch.Tensor = 0.0025,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0,
                  warmup_steps: int = 0, r: float = 0.0, weight_lr_power: float = 2.0, decay_at_z: bool = False,
                  inner_momentum: float = 0.0, foreach: bool | None = None, fused: bool | None = None) -> None:
-        defaults = dict(lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps, weight_decay=weight_decay, warmup_steps=warmup_steps,
-                        r=r, weight_lr_power=weight_lr_power, decay_at_z=decay_at_z, inner_momentum=inner_momentum)
-        self._validate(defaults)
-        super(AdamWRule, self).__init__(params, defaults)
-
-    def _direction(self, group, state, grad, k):
-        beta2 = group["betas"][1]
-        v = state["exp_avg_sq"]
-        v.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-        inner = float(group["inner_momentum"])
-        if inner:
-            m = state["exp_avg"]
-            m.mul_(inner).add_(grad, alpha=1.0 - inner)
-            grad = m / (1.0 - inner ** (k + 1))
-        return grad / ((v / (1.0 - beta2 ** (k + 1))).sqrt() + group["eps"])
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      warmup_steps=warmup_steps, r=r, weight_lr_power=weight_lr_power,
+                                      decay_at_z=decay_at_z, inner_momentum=inner_momentum))
 
 
-class SGDScheduleFreeReference(SGDRule, _ReferenceForm):
-    """Reference Schedule-Free SGD (x, y, z stored). Same arguments as :class:`SGDScheduleFree`;
-    ``foreach``/``fused`` are accepted for signature compatibility and ignored.
+class SGDScheduleFreeReference(_ReferenceForm):
+    __doc__ = f"""Reference Schedule-Free SGD (x, y, z stored).
+
+    {SGD_UPDATE_DOC}
 
     Example::
 
         opt = SGDScheduleFreeReference(model.parameters(), lr=0.5)
+
+    Args:
+        {PARAMS_DOC}
+        {SGD_ARGS_DOC}
+        {IGNORED_FLAGS_DOC}
     """
+
+    rule = SGD
+    mup_rule = SGD.mup_rule
 
     def __init__(self, params: Iterable[Any], lr: float | torch.Tensor = 1.0, momentum: float = 0.9,
                  weight_decay: float = 0, warmup_steps: int = 0, r: float = 0.0, weight_lr_power: float = 2,
                  foreach: bool | None = None, fused: bool | None = None) -> None:
-        defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, warmup_steps=warmup_steps, r=r,
-                        weight_lr_power=weight_lr_power)
-        self._validate(defaults)
-        super(SGDRule, self).__init__(params, defaults)
-
-    def _direction(self, group, state, grad, k):
-        return grad
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, warmup_steps=warmup_steps,
+                                      r=r, weight_lr_power=weight_lr_power))
 
 
 # Group keys of the averaging bookkeeping, under the published reference wrapper's names (k, lr_max,

@@ -10,7 +10,7 @@ through :func:`~mup_schedulefree.optimizers.base.advance_schedule`, with the for
 :mod:`mup_schedulefree.schedule`.
 
 Every function of a record is pure: it reads a parameter group (a dict) and returns values.
-:func:`advance` is the one step that writes: it advances the group's averaging bookkeeping.
+:meth:`Rule.advance` is the one step that writes: it advances the group's averaging bookkeeping.
 """
 from __future__ import annotations
 
@@ -21,9 +21,10 @@ from typing import Any, Callable, Mapping, NamedTuple
 
 import torch
 
+from .. import kernels
 from ..schedule import radam_rectification, warmup_multiplier
 from ..validation import check_range
-from .base import advance_schedule, check_betas, check_common
+from .base import advance_schedule, check_flags
 
 Group = dict[str, Any]
 
@@ -74,24 +75,72 @@ class Rule:
     native_op: Callable[[Group], str]
     direction: Callable[[dict[str, torch.Tensor], torch.Tensor, dict[str, Any]], torch.Tensor]
 
+    def advance(self, group: Group) -> dict[str, Any]:
+        """Advance ``group``'s schedule by one step and return the kernel's scalars of that step.
 
-def advance(rule: Rule, group: Group) -> dict[str, Any]:
-    """Advance ``group``'s schedule by one step and return its kernel's scalars.
+        Called once per group and step, with or without gradients: the group's step count and
+        averaging sums advance in place (:func:`~mup_schedulefree.optimizers.base.advance_schedule`).
 
-    Called once per group and step, with or without gradients: the group's step count and
-    averaging sums advance in place (:func:`~mup_schedulefree.optimizers.base.advance_schedule`).
+        Args:
+            group: a parameter group with its schedule bookkeeping.
+
+        Returns:
+            The keyword scalars of the rule's kernel (``lr``, ``ckp1`` and the rule's own).
+        """
+        k = group["k"]
+        schedule = self.schedule(group)
+        lr, ckp1 = advance_schedule(group, schedule.multiplier)
+        return self.scalars(group, k, lr, ckp1, schedule.adaptive)
+
+    def step_(self, lists: list[list[torch.Tensor]], scalars: dict[str, Any], **flags: Any) -> None:
+        """Apply the update to parallel lists [points, grads, z, *moments] with the rule's kernel.
+
+        Args:
+            lists: the lists, moments in the order of :attr:`moment_keys`.
+            scalars: this step's scalars, from :meth:`advance`.
+            **flags: ``closure_form``, ``foreach``, ``fused``, ``masters`` and ``prepared`` (see
+                :func:`mup_schedulefree.kernels.adam_step_`).
+        """
+        getattr(kernels, self.kernel)(*lists, **scalars, **flags)
+
+
+
+
+# ----------------------------------------------------------------------------- validation
+def check_betas(betas: Any, *, beta1_name: str = "betas[0]") -> None:
+    """Validate an Adam (beta1, beta2) pair: 0 < beta1 < 1 and 0 <= beta2 < 1.
+
+    beta1 must be positive because the evaluation point x is recovered from y and z by dividing
+    by beta1.
 
     Args:
-        rule: the group's update rule.
-        group: a parameter group with its schedule bookkeeping.
-
-    Returns:
-        The keyword scalars of ``rule``'s kernel for this step (``lr``, ``ckp1`` and the rule's own).
+        betas: the pair supplied by the user.
+        beta1_name: name used for the first coefficient in messages.
     """
-    k = group["k"]
-    schedule = rule.schedule(group)
-    lr, ckp1 = advance_schedule(group, schedule.multiplier)
-    return rule.scalars(group, k, lr, ckp1, schedule.adaptive)
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"Invalid betas: {betas!r} (must be a pair (beta1, beta2))")
+    check_range(beta1_name, betas[0], 0.0, 1.0, low_open=True)
+    check_range("betas[1]", betas[1], 0.0, 1.0)
+
+
+def check_common(group: Group) -> None:
+    """Validate the hyperparameters every rule's group has.
+
+    Args:
+        group: a parameter group with defaults filled in.
+    """
+    check_range("lr", group["lr"], 0.0)
+    check_range("weight_decay", group["weight_decay"], 0.0)
+    check_range("r", group["r"], 0.0)
+    check_range("weight_lr_power", group["weight_lr_power"], 0.0)
+    if "eps" in group:
+        check_range("eps", group["eps"], 0.0)
+    if "warmup_steps" in group:
+        warmup = group["warmup_steps"]
+        if isinstance(warmup, bool) or not isinstance(warmup, int):
+            raise TypeError(f"Invalid warmup_steps: {warmup!r} (must be a non-negative int, got {type(warmup).__name__})")
+        check_range("warmup_steps", warmup, 0.0)
+    check_flags(group)
 
 
 # ----------------------------------------------------------------------------- SGD-SF
@@ -242,3 +291,15 @@ SILENT_SGD_PHASE_DOC = ("silent_sgd_phase: take no step while the rectification 
                         "(default {silent_sgd_phase}).").format(**RADAM.defaults)
 ADAMW_PAPER_ARGS_DOC = "\n        ".join([_ADAM_ARGS, _WARMUP_ARG, _AVERAGING_ARGS]).format(
     eps_root="root of the uncorrected second moment", scheduled="scheduled ", **ADAMW.defaults)
+
+# The update each rule makes, for the class docstrings (continuation lines indented for a class docstring).
+SGD_UPDATE_DOC = "z <- z - lr * (g + weight_decay * y); y interpolates z and x with ``momentum``."
+ADAMW_UPDATE_DOC = """z <- z - lr * (g / (sqrt(v / (1 - beta2^k)) + eps) + weight_decay * y), with v the EMA of g^2;
+    y interpolates z and x with beta1. The lr has a linear warmup of ``warmup_steps``. With
+    ``inner_momentum`` = mu > 0, g in the numerator becomes m / (1 - mu^k), m the EMA of g with decay mu."""
+RADAM_UPDATE_DOC = """As AdamW-SF, with the lr multiplied by RAdam's rectification term; while that term is
+    undefined (the first few steps) the step is an un-normalised SGD step, or no step at all
+    with ``silent_sgd_phase`` (the default), which also gives those steps zero averaging weight."""
+ADAMW_PAPER_UPDATE_DOC = """The step is AdamW-SF's with the second-moment bias correction moved from the denominator
+    into the learning rate: z <- z - lr_k * (g / (sqrt(v) + eps) + weight_decay * y), with
+    lr_k = lr * warmup_k * sqrt(1 - beta2^(k+1)), and lr_k weights the average."""
