@@ -239,8 +239,8 @@ def build_study_parser() -> argparse.ArgumentParser:
     parser.add_argument("--points-per-octave", type=_positive_int, default=defaults.points_per_octave,
                         help=f"learning-rate lattice points per factor of 2 (default: {defaults.points_per_octave})")
     ablations = parser.add_argument_group("ablations (each adds a muP variant)")
-    ablations.add_argument("--no-zero-init", action="store_true",
-                           help="muP with PyTorch's initialisation of readout and query")
+    ablations.add_argument("--zero-init", action="store_true",
+                           help="muP with readout and query initialised to zero (as in mup's examples)")
     ablations.add_argument("--split-zero-init", action="store_true",
                            help="muP with only the readout, and with only the query, initialised to zero")
     ablations.add_argument("--tune-mults", nargs="+", choices=study.MULTIPLIERS, metavar="MULT",
@@ -255,6 +255,9 @@ def build_study_parser() -> argparse.ArgumentParser:
                            help="SP and muP with this Adam epsilon (one variant each)")
     ablations.add_argument("--scale-eps", action="store_true",
                            help="muP with eps scaled with width (per --eps value), against SP at that eps")
+    ablations.add_argument("--on-zero-init", action="store_true",
+                           help="build the --tune-mults, --tune-roles, --betas and --eps variants on a zero "
+                                "readout and query instead of the default init")
     parser.add_argument("--out", default="study_out", metavar="DIR",
                         help="output folder; runs already there are reused (default: ./study_out)")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
@@ -711,10 +714,10 @@ def run_study(args: argparse.Namespace) -> int:
             steps=args.steps, eval_steps=tuple(sorted(set(args.eval_steps))), batch_size=args.batch_size,
             seq_len=args.seq_len, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
             points_per_octave=args.points_per_octave)
-        chosen = study.variants(no_zero_init=args.no_zero_init, split_zero_init=args.split_zero_init,
+        chosen = study.variants(zero_init=args.zero_init, split_zero_init=args.split_zero_init,
                                 tune_mults=args.tune_mults or (),
                                 tune_roles=args.tune_roles, betas=args.betas, epsilons=args.eps,
-                                scale_eps=args.scale_eps)
+                                scale_eps=args.scale_eps, on_zero_init=args.on_zero_init)
     except ValueError as error:
         raise UsageError(f"argument --{_flag_of(str(error))}: {error}") from None
     out = Path(args.out)

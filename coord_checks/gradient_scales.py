@@ -16,6 +16,11 @@ beside the exponent of ``mup_schedulefree.scaling.EPS_RULE`` for its parameters.
 ``eps_coord_check`` and ``eps_transfer`` run a coordinate check and a learning-rate sweep with a
 base eps large enough to matter, with eps fixed and with ``scale_eps=True``.
 
+Every measurement here builds the example models with readout and query initialised to zero
+(``zero_init=True``), so that each output is made of updates alone and an update that shrinks
+with width shows as a shrinking output from the first step (with PyTorch's init the readout's
+initial values, which shrink like 1/sqrt(width) by design, would mask it for a few steps).
+
 Command line (one ``error:`` line naming the flag, exit status 2, for bad arguments)::
 
     python -m coord_checks.gradient_scales                      # MLP, widths 64..1024
@@ -29,8 +34,9 @@ import argparse
 import math
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import matplotlib
 import numpy as np
@@ -44,7 +50,8 @@ from mup_schedulefree.scaling import eps_scaling
 
 from coord_checks import plots
 from coord_checks.diagnose import ROLES, parameter_roles
-from coord_checks.experiments import DEFAULT_WIDTHS, TRANSFER_WIDTHS, check_model_name, cross_entropy, make_task
+from coord_checks.experiments import (DEFAULT_WIDTHS, TRANSFER_WIDTHS, Task, check_model_name, cross_entropy,
+                                      make_task)
 from coord_checks.models import N_HEADS
 from coord_checks.recording import check_widths, record_coords, rng_devices
 from coord_checks.transfer import fit_optima, lr_grid, optimum_drift, sweep_learning_rates
@@ -71,6 +78,12 @@ SHRINK_BOUND = 0.25
 SHRINK_EXEMPT = r"attn\.(?:query|attn_logits)"
 
 
+def example_task(model: str, **kwargs: Any) -> Task:
+    """``coord_checks.experiments.make_task(model, **kwargs)`` with muP's readout and query initialised to zero."""
+    task = make_task(model, **kwargs)
+    return replace(task, model_kwargs={**task.model_kwargs, "zero_init": True})
+
+
 def _rms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     total = sum(float(t.numel()) for t in tensors)
     return torch.sqrt(sum(t.detach().float().square().sum() for t in tensors) / total)
@@ -86,7 +99,7 @@ def record_gradient_scales(
 ) -> pd.DataFrame:
     """Train the example ``model`` in muP at each width and record gradient and sqrt(v) RMS per role.
 
-    Every step sees a new batch of the example task (``coord_checks.experiments.make_task``); the
+    Every step sees a new batch of the example task (``example_task``); the
     optimizer is ``MuAdamW_ScheduleFree(lr=lr)`` with its default eps (1e-8, far below every
     sqrt(v) here, so eps does not change the run). Step ``t`` is the ``t``-th gradient, taken at
     y after ``t - 1`` updates; ``sqrt_v`` is sqrt(v / (1 - beta2^t)) after the update that used
@@ -119,7 +132,7 @@ def record_gradient_scales(
     if not lr > 0:
         raise ValueError(f"lr must be positive, got {lr!r}")
     device = torch.device(device)
-    task = make_task(model, n_batches=steps)
+    task = example_task(model, n_batches=steps)
     batches = [(x.to(device), y.to(device)) for x, y in task.train_batches]
     rows = []
     with torch.random.fork_rng(devices=rng_devices(device)):
@@ -158,7 +171,7 @@ def rule_exponents(model: str) -> dict[str, str]:
     Returns:
         ``{role: exponents}``, the distinct exponents of the role's parameters as text (e.g. ``"-1"``).
     """
-    net = make_task(model, n_batches=1).build(DEFAULT_WIDTHS[model][1], "mup")
+    net = example_task(model, n_batches=1).build(DEFAULT_WIDTHS[model][1], "mup")
     params = dict(net.named_parameters())
     found: dict[str, set[int]] = {}
     for name, role in parameter_roles(net).items():
@@ -298,7 +311,7 @@ def eps_coord_check(
         ValueError: for an unknown model or bad widths, steps or seeds.
     """
     check_model_name(model)
-    task = make_task(model, n_batches=1)
+    task = example_task(model, n_batches=1)
     return pd.concat([
         record_coords(model_factory=lambda w: task.build(w, "mup"),
                       optimizer_factory=eps_optimizer_factory(lr, eps, scaled),
@@ -361,7 +374,7 @@ def eps_transfer(
     """
     if model not in TRANSFER_WIDTHS:
         raise ValueError(f"model must be one of {tuple(TRANSFER_WIDTHS)}, got {model!r}")
-    task = make_task(model, n_batches=steps, batch_size=32, n_eval_batches=4, eval_batch_size=256)
+    task = example_task(model, n_batches=steps, batch_size=32, n_eval_batches=4, eval_batch_size=256)
     lrs = lr_grid(TRANSFER_LR_CENTRE, octaves=4) if lrs is None else list(lrs)
     return pd.concat([
         sweep_learning_rates(model_factory=lambda w: task.build(w, "mup"),

@@ -85,7 +85,7 @@ class Knobs:
     Attributes:
         parametrization: ``"mup"`` or ``"sp"``.
         zero_init: muP: readout and query projections initialised to zero (True), neither
-            (False), or only ``"readout"`` or ``"query"``.
+            (False, the example models' default), or only ``"readout"`` or ``"query"``.
         input_mult: muP: multiplier of the input layer's (embeddings') output.
         output_mult: muP: ``MuReadout``'s output multiplier.
         attn_mult: muP, Transformer: factor on the attention-logit numerator (1 = the default,
@@ -97,7 +97,7 @@ class Knobs:
     """
 
     parametrization: str = "mup"
-    zero_init: bool | str = True
+    zero_init: bool | str = False
     input_mult: float = 1.0
     output_mult: float = 1.0
     attn_mult: float = 1.0
@@ -142,12 +142,13 @@ class Variant:
     tune: tuple[str, ...] = ()
 
 
-def variants(no_zero_init: bool = False, split_zero_init: bool = False, tune_mults: Sequence[str] = (), tune_roles: bool = False,
-             betas: Sequence[float] = (), epsilons: Sequence[float] = (), scale_eps: bool = False) -> list[Variant]:
+def variants(zero_init: bool = False, split_zero_init: bool = False, tune_mults: Sequence[str] = (), tune_roles: bool = False,
+             betas: Sequence[float] = (), epsilons: Sequence[float] = (), scale_eps: bool = False,
+             on_zero_init: bool = False) -> list[Variant]:
     """The plain muP variant and one more per ablation asked for.
 
     Args:
-        no_zero_init: add ``no-zero-init``: readout and query with PyTorch's initialisation.
+        zero_init: add ``zero-init``: readout and query initialised to zero, as in mup's examples.
         split_zero_init: add ``zero-readout-only`` and ``zero-query-only``: one of the two at zero.
         tune_mults: add ``tuned-mults``: these multipliers tuned at the base width.
         tune_roles: add ``tuned-roles``: every role's lr multiplier tuned at the base width.
@@ -155,6 +156,8 @@ def variants(no_zero_init: bool = False, split_zero_init: bool = False, tune_mul
         epsilons: add ``eps=E`` per value: SP and muP with that Adam epsilon.
         scale_eps: add ``eps=E,scaled`` per epsilon (or for the default one): muP's eps scaled
             with width, against SP at the same eps.
+        on_zero_init: build the multiplier, role, beta and eps variants on a zero-initialised readout
+            and query (their names then start with ``zero-init,``) instead of on the default init.
 
     Returns:
         The variants, ``default`` (muP as the example models build it) first.
@@ -169,23 +172,28 @@ def variants(no_zero_init: bool = False, split_zero_init: bool = False, tune_mul
         raise ValueError(f"betas must lie in [0, 1), got {list(betas)}")
     if any(not 0 < e < math.inf for e in epsilons):
         raise ValueError(f"epsilons must be positive, got {list(epsilons)}")
+    base, prefix = (Knobs(zero_init=True), "zero-init,") if on_zero_init else (Knobs(), "")
+
+    def on_base(name: str, sp: Knobs = Knobs("sp"), tune: tuple[str, ...] = (), **mup: Any) -> Variant:
+        return Variant(prefix + name, mup=replace(base, **mup), sp=sp, tune=tune)
+
     found = [Variant("default")]
-    if no_zero_init:
-        found.append(Variant("no-zero-init", mup=Knobs(zero_init=False)))
+    if zero_init:
+        found.append(Variant("zero-init", mup=Knobs(zero_init=True)))
     if split_zero_init:
         found.append(Variant("zero-readout-only", mup=Knobs(zero_init="readout")))
         found.append(Variant("zero-query-only", mup=Knobs(zero_init="query")))
     if tune_mults:
-        found.append(Variant("tuned-mults", tune=tuple(dict.fromkeys(tune_mults))))
+        found.append(on_base("tuned-mults", tune=tuple(dict.fromkeys(tune_mults))))
     if tune_roles:
-        found.append(Variant("tuned-roles", tune=("roles",)))
+        found.append(on_base("tuned-roles", tune=("roles",)))
     for beta in betas:
-        found.append(Variant(f"beta={beta:g}", mup=Knobs(beta=beta), sp=Knobs("sp", beta=beta)))
+        found.append(on_base(f"beta={beta:g}", sp=Knobs("sp", beta=beta), beta=beta))
     for eps in epsilons:
-        found.append(Variant(f"eps={eps:g}", mup=Knobs(eps=eps), sp=Knobs("sp", eps=eps)))
+        found.append(on_base(f"eps={eps:g}", sp=Knobs("sp", eps=eps), eps=eps))
     if scale_eps:
         for eps in epsilons or (Knobs().eps,):
-            found.append(Variant(f"eps={eps:g},scaled", mup=Knobs(eps=eps, scale_eps=True), sp=Knobs("sp", eps=eps)))
+            found.append(on_base(f"eps={eps:g},scaled", sp=Knobs("sp", eps=eps), eps=eps, scale_eps=True))
     return found
 
 
@@ -197,7 +205,7 @@ class StudySettings:
         model: ``"transformer"`` or ``"mlp"``.
         optimizer: one of ``STUDY_OPTIMIZERS``.
         widths: increasing widths; the first is muP's base width (muP equals SP there, apart from
-            its zero initialisation).
+            its zero initialisation, when asked for).
         seeds: seeds of initialisation and of the training batches' order.
         steps: training steps per run.
         eval_steps: earlier horizons at which every run is also evaluated.
@@ -347,6 +355,8 @@ def build_run(settings: StudySettings, study_data: StudyData, knobs: Knobs, widt
 
 
 def _key(values: dict[str, Any]) -> tuple:
+    # SP has no zero init; runs written before the models' default changed to False say True there
+    values = {**values, "zero_init": values["zero_init"] if values["parametrization"] == "mup" else False}
     return tuple(repr(float(values[c])) if c in ("input_mult", "output_mult", "attn_mult", "beta", "eps", "lr")
                  else str(values[c]) if c == "role_lrs" else values[c] if c == "parametrization"
                  else str(values[c]) if c == "zero_init" else bool(values[c]) if c == "scale_eps" else int(values[c])

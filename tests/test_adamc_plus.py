@@ -111,6 +111,17 @@ def test_trajectory_and_logged_values_match_upstream_head(form, config):
 
 
 @pytest.mark.parametrize("form", FORMS, ids=lambda c: c.__name__)
+def test_logged_scalars_read_zero_before_a_groups_first_step(form):
+    """Upstream HEAD writes them in the step only, so reading one first raised KeyError; ours start at 0.0."""
+    model = tiny_mlp(0)
+    opt = form(list(model[0].parameters()), lr=1.0)
+    opt.add_param_group({"params": list(model[2].parameters())})
+    keys = ("polyak_lr", "ip_term", "function_value_ema", "grad_l1_ema", "grad_l1_ema_corr", "scheduled_lr")
+    for group in opt.param_groups:
+        assert {key: group[key] for key in keys} == dict.fromkeys(keys, 0.0)
+
+
+@pytest.mark.parametrize("form", FORMS, ids=lambda c: c.__name__)
 def test_an_lr_of_zero_is_floored_at_eps_as_upstream(form):
     """Upstream steps with max(lr, eps): a group at lr = 0 still moves, by eps * polyak_lr."""
     config = dict(eps=1e-3, weight_decay=1.0)

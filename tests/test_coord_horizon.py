@@ -74,7 +74,7 @@ def test_horizon_flag_records_log_spaced_steps_and_writes_the_over_time_table_an
 
     threads = torch.get_num_threads()
     try:
-        status = main(["--horizon", "16", "--widths", "16", "32", "--seeds", "0", "--sequence", "y",
+        status = main(["--horizon", "16", "--widths", "32", "64", "--seeds", "0", "--sequence", "y",
                        "--out", str(tmp_path)])
     finally:
         torch.set_num_threads(threads)

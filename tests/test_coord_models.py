@@ -23,20 +23,34 @@ def test_sp_has_unit_width_mult_and_mup_scales_with_base_width(name):
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
-def test_mup_readout_is_zero_initialised_and_sp_readout_is_a_plain_linear(name):
+def test_mup_readout_is_sp_init_times_sqrt_width_mult_and_sp_readout_is_a_plain_linear(name):
+    """By default the muP readout keeps PyTorch's init, which mup's ``MuReadout`` rescales by
+    sqrt(width_mult) (and its output by 1 / width_mult): from the same seed it is SP's readout
+    times sqrt(2) at twice the base width, so muP's logits start 1/sqrt(2) as large."""
+    torch.manual_seed(3)
     mu = build_model(name, 2 * BASE_WIDTHS[name], "mup", **KWARGS[name])
+    torch.manual_seed(3)
     sp = build_model(name, 2 * BASE_WIDTHS[name], "sp", **KWARGS[name])
+    assert isinstance(mu.readout, mup.MuReadout) and type(sp.readout) is torch.nn.Linear
+    assert torch.count_nonzero(sp.readout.weight) > 0
+    torch.testing.assert_close(mu.readout.weight, sp.readout.weight * 2 ** 0.5, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("name", ["mlp", "transformer"])
+def test_zero_init_starts_the_mup_readout_at_zero(name):
+    mu = build_model(name, 2 * BASE_WIDTHS[name], "mup", zero_init=True, **KWARGS[name])
     assert isinstance(mu.readout, mup.MuReadout) and torch.count_nonzero(mu.readout.weight) == 0
-    assert type(sp.readout) is torch.nn.Linear and torch.count_nonzero(sp.readout.weight) > 0
     assert mu(INPUTS[name]()).abs().max() == 0
 
 
-def test_transformer_query_is_zero_in_mup_and_attention_scales_match_at_base_width():
+def test_transformer_query_is_zero_only_with_zero_init_and_attention_scales_match_at_base_width():
     base = BASE_WIDTHS["transformer"]
     mu = build_model("transformer", base, "mup", **KWARGS["transformer"])
+    zeroed = build_model("transformer", base, "mup", zero_init=True, **KWARGS["transformer"])
     sp = build_model("transformer", base, "sp", **KWARGS["transformer"])
     attn_mu, attn_sp = mu.blocks[0].attn, sp.blocks[0].attn
-    assert torch.count_nonzero(attn_mu.query.weight) == 0
+    assert torch.count_nonzero(attn_mu.query.weight) > 0
+    assert torch.count_nonzero(zeroed.blocks[0].attn.query.weight) == 0
     assert torch.count_nonzero(attn_sp.query.weight) > 0
     assert attn_mu.scale == pytest.approx(attn_sp.scale, rel=1e-12)
     wide = build_model("transformer", 4 * base, "mup", **KWARGS["transformer"]).blocks[0].attn

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import mup
@@ -124,12 +125,13 @@ def test_knob_variants_tune_their_multiplier_at_the_base_width_only():
 
 
 def test_variants_name_each_ablation_and_refuse_bad_values():
-    names = [v.name for v in study.variants(no_zero_init=True, split_zero_init=True, tune_mults=["input", "attn"],
+    names = [v.name for v in study.variants(zero_init=True, split_zero_init=True, tune_mults=["input", "attn"],
                                             tune_roles=True, betas=[0.95], epsilons=[1e-4], scale_eps=True)]
-    assert names == ["default", "no-zero-init", "zero-readout-only", "zero-query-only", "tuned-mults", "tuned-roles", "beta=0.95", "eps=0.0001",
-                     "eps=0.0001,scaled"]
+    assert names == ["default", "zero-init", "zero-readout-only", "zero-query-only", "tuned-mults", "tuned-roles",
+                     "beta=0.95", "eps=0.0001", "eps=0.0001,scaled"]
     beta = study.variants(betas=[0.5])[1]
     assert beta.sp == Knobs("sp", beta=0.5) and beta.mup == Knobs(beta=0.5)  # the optimizer's knob changes SP too
+    assert study.variants(zero_init=True)[1].mup == Knobs(zero_init=True) and Knobs().zero_init is False
     with pytest.raises(ValueError, match="tune_mults"):
         study.variants(tune_mults=["readout"])
     with pytest.raises(ValueError, match="betas"):
@@ -150,10 +152,39 @@ def test_settings_refuse_what_a_study_cannot_run(change, message):
         StudySettings(**{**TINY, **change})
 
 
+def test_ablations_on_zero_init_keep_sp_and_carry_the_zero_init_in_name_and_knobs():
+    on_zero = study.variants(zero_init=True, tune_mults=["output"], tune_roles=True, betas=[0.95], epsilons=[1e-4],
+                             scale_eps=True, on_zero_init=True)
+    assert [v.name for v in on_zero] == ["default", "zero-init", "zero-init,tuned-mults", "zero-init,tuned-roles",
+                                         "zero-init,beta=0.95", "zero-init,eps=0.0001", "zero-init,eps=0.0001,scaled"]
+    assert all(v.mup.zero_init is True for v in on_zero[1:]) and on_zero[0].mup == Knobs()
+    plain = study.variants(tune_mults=["output"], tune_roles=True, betas=[0.95], epsilons=[1e-4], scale_eps=True)
+    assert len(plain) == len(on_zero) - 1
+    for zeroed, default in zip(on_zero[2:], plain[1:]):
+        assert zeroed.name == "zero-init," + default.name
+        assert zeroed.sp == default.sp and zeroed.tune == default.tune
+        assert zeroed.mup == replace(default.mup, zero_init=True)
+
+
+def test_sp_runs_written_when_the_models_zero_initialised_by_default_are_found_again(tmp_path):
+    """Files written before the examples' default changed say zero_init=True on SP rows, which SP never used."""
+    settings = StudySettings(**TINY)
+    runs, _ = study.run_study(settings, study.variants(), out=tmp_path)
+    csv = tmp_path / "study_runs.csv"
+    old = pd.read_csv(csv)
+    old["zero_init"] = old["zero_init"].astype(str).where(old["parametrization"] == "mup", "True")
+    old.to_csv(csv, index=False)
+    again: list[str] = []
+    study.run_study(settings, study.variants(), out=tmp_path, report=again.append)
+    assert again == []
+
+
 def test_model_knobs_change_the_muP_model_only():
     torch.manual_seed(0)
     plain = build_model("transformer", 32, "mup", max_seq_len=8)
-    assert not plain.readout.weight.any() and not plain.blocks[0].attn.query.weight.any()
+    assert plain.readout.weight.any() and plain.blocks[0].attn.query.weight.any()
+    zeroed = build_model("transformer", 32, "mup", max_seq_len=8, zero_init=True)
+    assert not zeroed.readout.weight.any() and not zeroed.blocks[0].attn.query.weight.any()
     torch.manual_seed(0)
     warm = build_model("transformer", 32, "mup", max_seq_len=8, zero_init=False, output_mult=2.0, attn_mult=4.0)
     assert warm.readout.weight.any() and warm.blocks[0].attn.query.weight.any()
@@ -173,14 +204,14 @@ def test_model_knobs_change_the_muP_model_only():
     with pytest.raises(ValueError, match="zero_init must be"):
         build_model("transformer", 32, "mup", zero_init="keys")
     with pytest.raises(ValueError, match="muP knobs"):
-        build_model("transformer", 32, "sp", zero_init=False)
+        build_model("transformer", 32, "sp", zero_init=True)
     with pytest.raises(ValueError, match="input_mult must be a positive number"):
         build_model("mlp", 64, "mup", d_in=8, d_out=4, input_mult=0.0)
 
 
 def test_a_study_resumes_where_it_stopped_and_ends_where_an_uninterrupted_one_does(tmp_path):
     settings = StudySettings(**TINY)
-    chosen = study.variants(no_zero_init=True)
+    chosen = study.variants(zero_init=True)
     lines: list[str] = []
     runs, tuned = study.run_study(settings, chosen, out=tmp_path, report=lines.append)
     assert lines and len(runs) == len(lines) * len(settings.horizons)

@@ -380,7 +380,9 @@ class _PolyakShell(Modes, Optimizer):
                         sf_beta1_anneal_steps=sf_beta1_anneal_steps, sf_beta1_max=sf_beta1_max,
                         weight_lr_power=weight_lr_power)
         check_group(defaults)
+        # the step's logged scalars start at 0.0, so a group can be read before its first step
         defaults.update(k=0, train_mode=True, weight_sum=0.0, lr_max=eps, scheduled_lr=0.0, grad_l1_ema=0.0,
+                        grad_l1_ema_corr=0.0, function_value_ema=0.0, ip_term=0.0, polyak_lr=0.0,
                         polyak_denom_ema=0.0)  # never used: upstream's step reads it, so it loads our state dicts
         super().__init__(params, defaults)
         self.register_load_state_dict_pre_hook(check_saved_state)
