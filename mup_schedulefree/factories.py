@@ -44,6 +44,7 @@ from .optimizers import (
     AdamWScheduleFreeReference,
     RAdamScheduleFree,
     RAdamScheduleFreeClosure,
+    RAdamScheduleFreeReference,
     ScheduleFreeWrapper,
     ScheduleFreeWrapperReference,
     SGDScheduleFree,
@@ -316,6 +317,17 @@ def MuAdamW_ScheduleFreeReference(params: Any, impl: type = AdamWScheduleFreeRef
         The optimizer.
     """
     return _mu_factory(MuAdamW_ScheduleFreeReference, "adam", params, impl, decoupled_wd,
+                       dict(kwargs, scale_eps=scale_eps))
+
+
+def MuRAdam_ScheduleFreeReference(params: Any, impl: type = RAdamScheduleFreeReference, decoupled_wd: bool = False,
+                                  scale_eps: bool = False, **kwargs: Any) -> Optimizer:
+    """Reference Schedule-Free RAdam with muP scaling. Arguments as :func:`MuAdamW_ScheduleFree`.
+
+    Returns:
+        The optimizer.
+    """
+    return _mu_factory(MuRAdam_ScheduleFreeReference, "adam", params, impl, decoupled_wd,
                        dict(kwargs, scale_eps=scale_eps))
 
 
@@ -652,4 +664,5 @@ def MuMuon_ScheduleFree(
 
 FACTORIES = (MuAdamW_ScheduleFree, MuRAdam_ScheduleFree, MuSGD_ScheduleFree, MuAdamW_ScheduleFreeClosure,
              MuRAdam_ScheduleFreeClosure, MuSGD_ScheduleFreeClosure, MuAdamW_ScheduleFreeReference,
-             MuSGD_ScheduleFreeReference, MuAdamW_ScheduleFreePaper, MuAdamC_ScheduleFreePlus)
+             MuRAdam_ScheduleFreeReference, MuSGD_ScheduleFreeReference, MuAdamW_ScheduleFreePaper,
+             MuAdamC_ScheduleFreePlus)

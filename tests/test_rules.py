@@ -13,6 +13,7 @@ import inspect
 import math
 
 import pytest
+import torch
 
 from mup_schedulefree import kernels, native
 from mup_schedulefree import optimizers as forms
@@ -185,8 +186,8 @@ def test_validate_names_the_argument_and_the_allowed_range(rule, hyper, message)
 CLASSES = {
     rules.SGD: ("SGDScheduleFree", "SGDScheduleFreeClosure", "SGDScheduleFreeReference"),
     rules.ADAMW: ("AdamWScheduleFree", "AdamWScheduleFreeClosure", "AdamWScheduleFreeReference"),
-    rules.RADAM: ("RAdamScheduleFree", "RAdamScheduleFreeClosure"),
-    rules.ADAMW_PAPER: ("AdamWScheduleFreePaper",),
+    rules.RADAM: ("RAdamScheduleFree", "RAdamScheduleFreeClosure", "RAdamScheduleFreeReference"),
+    rules.ADAMW_PAPER: ("AdamWScheduleFreePaper", "AdamWScheduleFreePaperReference"),
 }
 
 
@@ -201,3 +202,104 @@ def test_every_class_of_a_rule_declares_the_record_defaults(rule, name):
             assert key not in parameters
             continue
         assert parameters[key].default == default, (name, key)
+
+
+# ----------------------------------------------------------------------------- reference forms
+# Each fast form against the reference form of its rule. Gradients are those of a weakly curved
+# quadratic plus step noise, g = noise_k + 0.1 (p - target), taken at each optimizer's own y: the runs
+# feed back through their gradients, but contractively, so float32 rounding differences do not grow.
+# Tolerance: per tensor, max |fast - reference| <= 1e-5 * max |reference| + 1e-6 (as tests/test_properties.py).
+RTOL, ATOL = 1e-5, 1e-6
+TRAJECTORY_STEPS = 60
+SWITCHES = (1, 4, 15, 30, 45)  # eval() then train() after these steps (1 and 4: inside RAdam's silent phase)
+SHAPES = ((6, 4), (6,), (3, 6), (3,), ())
+PATHS = {"fused": dict(fused=True, foreach=False), "foreach": dict(fused=False, foreach=True),
+         "single": dict(fused=False, foreach=False)}
+
+
+def _groups(params: list, lr: float, warmup: bool) -> list[dict]:
+    """Three groups: [W1, b1] at lr, [W2] at lr / 3 with decay 0.05, [b2, scalar] at 2 lr with decay 0.01."""
+    extra = dict(warmup_steps=7) if warmup else {}
+    return [{"params": params[:2]}, {"params": params[2:3], "lr": lr / 3, "weight_decay": 0.05},
+            {"params": params[3:], "lr": 2 * lr, "weight_decay": 0.01, **extra}]
+
+
+def _assert_close(fast_params: list, ref_params: list, where: str) -> None:
+    for i, (a, b) in enumerate(zip(fast_params, ref_params)):
+        err = (a - b).abs().max().item()
+        tol = RTOL * b.abs().max().item() + ATOL
+        assert err <= tol, f"{where}, tensor {i}: {err:.3g} > {tol:.3g}"
+
+
+REFERENCE_PAIRS = [
+    pytest.param("RAdamScheduleFree", "RAdamScheduleFreeReference",
+                 dict(lr=0.02, betas=(0.9, 0.999), weight_decay=0.01, r=1.0), id="RAdam-silent"),
+    pytest.param("RAdamScheduleFree", "RAdamScheduleFreeReference",
+                 dict(lr=0.01, betas=(0.8, 0.99), eps=1e-6, silent_sgd_phase=False, weight_lr_power=1.0),
+                 id="RAdam-sgd-phase"),
+    pytest.param("AdamWScheduleFreePaper", "AdamWScheduleFreePaperReference",
+                 dict(lr=0.02, betas=(0.9, 0.99), weight_decay=0.01, warmup_steps=5, r=0.5), id="AdamW-paper"),
+]
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+@pytest.mark.parametrize("fast_name, ref_name, config", REFERENCE_PAIRS)
+def test_fast_form_follows_the_reference_form_of_its_rule(fast_name, ref_name, config, path):
+    """60 steps, three groups (lr factors 1, 1/3, 2; weight decay in two), eval()/train() switches
+    (two inside RAdam's silent phase). Oracle: the reference form, at y after every switch and at
+    the end, and at x at the end; tolerance in the comment above."""
+    gen = torch.Generator().manual_seed(0)
+    init = [torch.randn(shape, generator=gen) for shape in SHAPES]
+    targets = [torch.randn(shape, generator=gen) for shape in SHAPES]
+    fast_params = [torch.nn.Parameter(t.clone()) for t in init]
+    ref_params = [torch.nn.Parameter(t.clone()) for t in init]
+    warmup = "warmup_steps" in config
+    fast = getattr(forms, fast_name)(_groups(fast_params, config["lr"], warmup), **config, **PATHS[path])
+    ref = getattr(forms, ref_name)(_groups(ref_params, config["lr"], warmup), **config)
+    assert fast.rule is ref.rule
+    for k in range(TRAJECTORY_STEPS):
+        noise = [torch.randn(shape, generator=gen) for shape in SHAPES]
+        for opt, params in ((fast, fast_params), (ref, ref_params)):
+            for p, n, t in zip(params, noise, targets):
+                p.grad = n + 0.1 * (p.detach() - t)
+            opt.step()
+        if k + 1 in SWITCHES:
+            for opt in (fast, ref):
+                opt.eval()
+            _assert_close(fast_params, ref_params, f"x after step {k + 1}")
+            for opt in (fast, ref):
+                opt.train()
+            _assert_close(fast_params, ref_params, f"y after step {k + 1}")
+    _assert_close(fast_params, ref_params, "y at the end")
+    assert [g["k"] for g in fast.param_groups] == [g["k"] for g in ref.param_groups] == [TRAJECTORY_STEPS] * 3
+    fast.eval()
+    ref.eval()
+    _assert_close(fast_params, ref_params, "x at the end")
+    assert max((a - b).abs().max().item() for a, b in zip(fast_params, init)) > 0.02, "precondition: the run moves x"
+
+
+def test_mu_radam_reference_factory_builds_the_reference_with_the_fast_factory_groups():
+    """Oracle: MuRAdam_ScheduleFree's groups on the same model (muP lr, decay and eps per group, every
+    key but the parameters and the class's own flags), and 8 steps of each (4 of them un-normalised SGD
+    steps) agree within the tolerance above at every parameter."""
+    from mup_models import D_IN, mixed_net
+
+    import mup_schedulefree as msf
+
+    kwargs = dict(lr=0.01, weight_decay=0.1, scale_eps=True)
+    fast_model, ref_model = mixed_net(24, 48), mixed_net(24, 48)
+    fast = msf.MuRAdam_ScheduleFree(fast_model.named_parameters(), silent_sgd_phase=False, **kwargs)
+    ref = msf.MuRAdam_ScheduleFreeReference(ref_model.named_parameters(), silent_sgd_phase=False, **kwargs)
+    assert type(ref) is msf.RAdamScheduleFreeReference and ref.mup_rule == "adam"
+    own = {"params", "foreach", "fused", "master_weights"}
+    assert [{k: v for k, v in g.items() if k not in own} for g in ref.param_groups] == \
+        [{k: v for k, v in g.items() if k not in own} for g in fast.param_groups]
+    assert len({g["lr"] for g in ref.param_groups}) > 1, "precondition: muP gives the groups different lrs"
+    gen = torch.Generator().manual_seed(0)
+    for step in range(8):
+        x = torch.randn(5, D_IN, generator=gen)
+        for model, opt in ((fast_model, fast), (ref_model, ref)):
+            opt.zero_grad()
+            model(x).square().mean().backward()
+            opt.step()
+        _assert_close(list(fast_model.parameters()), list(ref_model.parameters()), f"after step {step + 1}")

@@ -4,7 +4,8 @@ from .adamw import AdamWScheduleFree, AdamWScheduleFreeClosure
 from .adamw_paper import AdamWScheduleFreePaper
 from .composite import ComposedOptimizer
 from .radam import RAdamScheduleFree, RAdamScheduleFreeClosure
-from .reference import AdamWScheduleFreeReference, ScheduleFreeWrapperReference, SGDScheduleFreeReference
+from .reference import (AdamWScheduleFreePaperReference, AdamWScheduleFreeReference, RAdamScheduleFreeReference,
+                        ScheduleFreeWrapperReference, SGDScheduleFreeReference)
 from .sgd import SGDScheduleFree, SGDScheduleFreeClosure
 from .wrapper import ScheduleFreeWrapper
 
@@ -14,10 +15,12 @@ __all__ = [
     "AdamWScheduleFree",
     "AdamWScheduleFreeClosure",
     "AdamWScheduleFreePaper",
+    "AdamWScheduleFreePaperReference",
     "AdamWScheduleFreeReference",
     "ComposedOptimizer",
     "RAdamScheduleFree",
     "RAdamScheduleFreeClosure",
+    "RAdamScheduleFreeReference",
     "SGDScheduleFree",
     "SGDScheduleFreeClosure",
     "SGDScheduleFreeReference",

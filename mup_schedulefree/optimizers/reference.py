@@ -16,8 +16,9 @@ from .. import kernels
 from .base import (IGNORED_FLAGS_DOC, SCHEDULE_DEFAULTS, ModalForm, advance_schedule, check_each_group,
                    check_is_state_dict, check_saved_state, check_state_shapes, real_view, share_lr_ratios,
                    stored_points_at_x, switch_stored_points, train_mode_closure)
-from .rules import (ADAMW, ADAMW_ARGS_DOC, ADAMW_UPDATE_DOC, INNER_MOMENTUM_DOC, PARAMS_DOC, SGD, SGD_ARGS_DOC,
-                    SGD_UPDATE_DOC)
+from .rules import (ADAMW, ADAMW_ARGS_DOC, ADAMW_PAPER, ADAMW_PAPER_ARGS_DOC, ADAMW_PAPER_UPDATE_DOC,
+                    ADAMW_UPDATE_DOC, INNER_MOMENTUM_DOC, PARAMS_DOC, RADAM, RADAM_ARGS_DOC, RADAM_UPDATE_DOC,
+                    SGD, SGD_ARGS_DOC, SGD_UPDATE_DOC, SILENT_SGD_PHASE_DOC)
 from .wrapper import PREFIX, WrapperShell, check_plain_base, check_wrapper_group
 
 
@@ -135,6 +136,59 @@ class SGDScheduleFreeReference(_ReferenceForm):
                  foreach: bool | None = None, fused: bool | None = None) -> None:
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay, warmup_steps=warmup_steps,
                                       r=r, weight_lr_power=weight_lr_power))
+
+
+class RAdamScheduleFreeReference(_ReferenceForm):
+    __doc__ = f"""Reference Schedule-Free RAdam (x, y, z stored).
+
+    {RADAM_UPDATE_DOC}
+
+    Example::
+
+        opt = RAdamScheduleFreeReference(model.parameters(), lr=1e-3)
+
+    Args:
+        {PARAMS_DOC}
+        {RADAM_ARGS_DOC}
+        {SILENT_SGD_PHASE_DOC}
+        {IGNORED_FLAGS_DOC}
+    """
+
+    rule = RADAM
+    mup_rule = RADAM.mup_rule
+
+    def __init__(self, params: Iterable[Any], lr: float | torch.Tensor = 0.0025,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0,
+                 r: float = 0.0, weight_lr_power: float = 2.0, foreach: bool | None = None,
+                 silent_sgd_phase: bool = True, fused: bool | None = None) -> None:
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, r=r,
+                                      weight_lr_power=weight_lr_power, silent_sgd_phase=silent_sgd_phase))
+
+
+class AdamWScheduleFreePaperReference(_ReferenceForm):
+    __doc__ = f"""Reference Schedule-Free AdamW of the paper's experiments (x, y, z stored).
+
+    {ADAMW_PAPER_UPDATE_DOC}
+
+    Example::
+
+        opt = AdamWScheduleFreePaperReference(model.parameters(), lr=1e-3, warmup_steps=100)
+
+    Args:
+        {PARAMS_DOC}
+        {ADAMW_PAPER_ARGS_DOC}
+        {IGNORED_FLAGS_DOC}
+    """
+
+    rule = ADAMW_PAPER
+    mup_rule = ADAMW_PAPER.mup_rule
+
+    def __init__(self, params: Iterable[Any], lr: float | torch.Tensor = 0.0025,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0,
+                 warmup_steps: int = 0, r: float = 0.0, weight_lr_power: float = 2.0,
+                 foreach: bool | None = None, fused: bool | None = None) -> None:
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      warmup_steps=warmup_steps, r=r, weight_lr_power=weight_lr_power))
 
 
 # Group keys of the averaging bookkeeping, under the published reference wrapper's names (k, lr_max,
