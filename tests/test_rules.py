@@ -303,3 +303,14 @@ def test_mu_radam_reference_factory_builds_the_reference_with_the_fast_factory_g
             model(x).square().mean().backward()
             opt.step()
         _assert_close(list(fast_model.parameters()), list(ref_model.parameters()), f"after step {step + 1}")
+
+
+@pytest.mark.parametrize("ref_name, fast_name", [("RAdamScheduleFreeReference", "RAdamScheduleFree"),
+                                                 ("AdamWScheduleFreePaperReference", "AdamWScheduleFreePaper")])
+def test_new_reference_forms_take_the_fast_form_arguments_in_its_order(ref_name, fast_name):
+    """Oracle: the fast class's signature (names, order, defaults), less ``master_weights``: a reference
+    keeps its state in the parameter's dtype, as the other reference forms do (no published class)."""
+    def parameters(name: str) -> list[tuple[str, object]]:
+        return [(p.name, p.default) for p in inspect.signature(getattr(forms, name).__init__).parameters.values()]
+
+    assert parameters(ref_name) == [(n, d) for n, d in parameters(fast_name) if n != "master_weights"]

@@ -57,7 +57,8 @@ class Rule:
         scalars: (group, k, lr, ckp1, adaptive) -> the keyword scalars of the kernel at step ``k``,
             given the scheduled lr and the averaging weight ckp1 of that step.
         kernel: name of the step function in :mod:`mup_schedulefree.kernels` that applies the update
-            to parallel lists [points, grads, z, *moments] (looked up when called).
+            to parallel lists [points, grads, z, *moments] (looked up when called, so that a function
+            put in its place, as a test's spy, is the one that runs).
         native_op: group -> its fused primal step in ``native.OPS``.
         direction: (state, grad, scalars) -> the update direction of one tensor (the reference form's
             statement of the math; it updates the moments in ``state``), decay excluded.
@@ -102,8 +103,6 @@ class Rule:
                 :func:`mup_schedulefree.kernels.adam_step_`).
         """
         getattr(kernels, self.kernel)(*lists, **scalars, **flags)
-
-
 
 
 # ----------------------------------------------------------------------------- validation
