@@ -41,6 +41,7 @@ from .optimizers import (
     AdamWScheduleFree,
     AdamWScheduleFreeClosure,
     AdamWScheduleFreePaper,
+    AdamWScheduleFreePaperReference,
     AdamWScheduleFreeReference,
     RAdamScheduleFree,
     RAdamScheduleFreeClosure,
@@ -344,6 +345,19 @@ def MuAdamW_ScheduleFreePaper(params: Any, impl: type = AdamWScheduleFreePaper, 
         The optimizer.
     """
     return _mu_factory(MuAdamW_ScheduleFreePaper, "adam", params, impl, decoupled_wd,
+                       dict(kwargs, scale_eps=scale_eps))
+
+
+def MuAdamW_ScheduleFreePaperReference(params: Any, impl: type = AdamWScheduleFreePaperReference,
+                                       decoupled_wd: bool = False, scale_eps: bool = False,
+                                       **kwargs: Any) -> Optimizer:
+    """Reference form of the paper's Schedule-Free AdamW with muP scaling. Arguments as
+    :func:`MuAdamW_ScheduleFreePaper`.
+
+    Returns:
+        The optimizer.
+    """
+    return _mu_factory(MuAdamW_ScheduleFreePaperReference, "adam", params, impl, decoupled_wd,
                        dict(kwargs, scale_eps=scale_eps))
 
 
@@ -665,4 +679,4 @@ def MuMuon_ScheduleFree(
 FACTORIES = (MuAdamW_ScheduleFree, MuRAdam_ScheduleFree, MuSGD_ScheduleFree, MuAdamW_ScheduleFreeClosure,
              MuRAdam_ScheduleFreeClosure, MuSGD_ScheduleFreeClosure, MuAdamW_ScheduleFreeReference,
              MuRAdam_ScheduleFreeReference, MuSGD_ScheduleFreeReference, MuAdamW_ScheduleFreePaper,
-             MuAdamC_ScheduleFreePlus)
+             MuAdamW_ScheduleFreePaperReference, MuAdamC_ScheduleFreePlus)

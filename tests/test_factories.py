@@ -622,7 +622,8 @@ def test_decoupled_decay_with_lr_squared_decay_raises_naming_both(factory):
 FACTORIES = [msf.MuAdamW_ScheduleFree, msf.MuRAdam_ScheduleFree, msf.MuSGD_ScheduleFree,
              msf.MuAdamW_ScheduleFreeClosure, msf.MuRAdam_ScheduleFreeClosure, msf.MuSGD_ScheduleFreeClosure,
              msf.MuAdamW_ScheduleFreeReference, msf.MuSGD_ScheduleFreeReference, msf.MuScheduleFreeWrapper,
-             msf.MuAdamC_ScheduleFreePlus]
+             msf.MuAdamC_ScheduleFreePlus, msf.MuRAdam_ScheduleFreeReference, msf.MuAdamW_ScheduleFreePaper,
+             msf.MuAdamW_ScheduleFreePaperReference]
 FACTORY_PARAMS = [pytest.param(f, id=f.__name__) for f in FACTORIES]
 
 
@@ -804,6 +805,8 @@ FACTORY_OF = {
     msf.AdamWScheduleFreeReference: ("MuAdamW_ScheduleFreeReference", "adam"),
     msf.SGDScheduleFreeReference: ("MuSGD_ScheduleFreeReference", "sgd"),
     msf.AdamWScheduleFreePaper: ("MuAdamW_ScheduleFreePaper", "adam"),
+    msf.RAdamScheduleFreeReference: ("MuRAdam_ScheduleFreeReference", "adam"),
+    msf.AdamWScheduleFreePaperReference: ("MuAdamW_ScheduleFreePaperReference", "adam"),
 }
 # MuAdamC_ScheduleFreePlus is a factory of the Adam rule but no entry above: the other factories
 # refuse ScheduleFree+ with their own error (tests/test_adamc_plus_mup.py), not a rule contradiction.
