@@ -10,6 +10,12 @@ the optimum per width and its drift across widths. The study (``coord_checks.stu
 at the smallest width against SP tuned at every width, appending every finished run to
 ``study_runs.csv`` so that it resumes, and writes the summary, the drift and a figure per horizon.
 
+With ``--depths L [L ...]`` (Transformer only) the check and the sweep run across depth instead:
+depth-unaware muP (the contrast) against CompleteP (``--depth-alpha 1``, the default) or depth-muP
+(``--depth-alpha 0.5``), based at ``--base-depth`` (default: the smallest depth), at one width or
+several (``--widths``; default 64). The verdict fits slopes against log2(depth) and the exit status
+is that of the depth-aware run; the sweep reports the optimum's drift across depths.
+
 Every failure the user can cause ends with one ``prog: error: ...`` line on stderr naming the
 flag, and exit status 2: bad arguments, a device that cannot compute, an output folder that cannot
 be written, running out of memory, a transfer sweep whose every learning rate diverges. The
@@ -49,6 +55,8 @@ _SEQUENCES = {"y": ("y",), "x": ("x",), "both": ("y", "x")}
 _MAX_LR = 1e6
 _CPUS = os.cpu_count() or 1
 _OUT_OF_MEMORY = re.compile(r"out of memory|can't allocate memory", re.IGNORECASE)
+#: How a depth check or sweep names its parametrizations in titles.
+_DEPTH_NAMES = {"mup": "muP (depth-unaware)", "completep": "CompleteP", "depth-mup": "depth-muP"}
 
 
 class UsageError(Exception):
@@ -81,6 +89,7 @@ def _number(convert: Callable[[str], Any], what: str, accept: Callable[[Any], bo
 
 
 _positive_int = _number(int, "a positive integer", lambda value: value > 0)
+_depth_alpha = _number(float, "1 (CompleteP) or 0.5 (depth-muP)", lambda value: value in experiments.DEPTH_LABELS)
 _learning_rate = _number(float, f"a positive number up to {_MAX_LR:g}", lambda value: 0 < value <= _MAX_LR)
 _seed = _number(int, "an integer in [0, 2**64)", lambda value: 0 <= value < 2**64)
 _thread_count = _number(int, f"a positive integer up to {_CPUS} (the CPU count)",
@@ -106,9 +115,9 @@ _USER_FLAGS = {"base_width": None, "data": "text", "loss": "cross_entropy", "rea
 
 
 def _add_common(parser: argparse.ArgumentParser, models: Sequence[str], seeds: Sequence[int]) -> None:
-    parser.add_argument("--model", type=_model_choice(models), default="mlp", metavar="MODEL",
-                        help=f"example model ({', '.join(models)}; default: mlp), or your own: "
-                             "module:function or path/file.py:function, a function width -> nn.Module")
+    parser.add_argument("--model", type=_model_choice(models), metavar="MODEL",
+                        help=f"example model ({', '.join(models)}; default: mlp, transformer with --depths), "
+                             "or your own: module:function or path/file.py:function, a function width -> nn.Module")
     parser.add_argument("--optimizer", choices=OPTIMIZER_NAMES, default="adamw",
                         help="schedule-free optimizer; muP uses its Mu* factory (default: adamw)")
     parser.add_argument("--widths", type=_positive_int, nargs="+", metavar="W",
@@ -139,6 +148,18 @@ def _add_common(parser: argparse.ArgumentParser, models: Sequence[str], seeds: S
                      help="modules whose output is attention logits (default: those named attn_logits)")
 
 
+def _add_depth(parser: argparse.ArgumentParser) -> None:
+    deep = parser.add_argument_group("across depth (--depths; transformer only)")
+    deep.add_argument("--depths", type=_positive_int, nargs="+", metavar="L",
+                      help="numbers of residual blocks, at least two distinct: run across depth, "
+                           "depth-unaware muP against --depth-alpha's rule (widths: --widths, default 64)")
+    deep.add_argument("--depth-alpha", type=_depth_alpha, metavar="ALPHA",
+                      help="residual branches times (L_base / L) ** ALPHA and the optimizer's depth rule: "
+                           "1 (CompleteP, default) or 0.5 (depth-muP)")
+    deep.add_argument("--base-depth", type=_positive_int, metavar="B",
+                      help="L_base, where both runs are the same model (default: the smallest depth)")
+
+
 def build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser, argparse.ArgumentParser]:
     """The parsers of the check (default command) and of the ``transfer`` and ``diagnose`` subcommands.
 
@@ -166,6 +187,7 @@ def build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser, a
                        help="one fixed batch or a new batch per step (default: fixed)")
     check.add_argument("--statistic", choices=tuple(STATISTICS), default="l1",
                        help="statistic to judge and plot (default: l1 = mean |x|)")
+    _add_depth(check)
 
     sweep = _OneLineParser(
         prog=f"{PROG} transfer",
@@ -184,6 +206,7 @@ def build_parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser, a
                        nargs="+", metavar="WD",
                        help="also sweep these weight decays: a learning rate x weight decay grid, with "
                             "the joint optimum per width and its drift")
+    _add_depth(sweep)
 
     doctor = _OneLineParser(
         prog=f"{PROG} diagnose",
@@ -288,7 +311,7 @@ def _check_widths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         if given:
             parser.error(f"argument --{given[0].replace('_', '-')}: only with your own model "
                          "(--model module:function)")
-    if args.widths is not None and len(set(args.widths)) < 2:
+    if args.widths is not None and len(set(args.widths)) < 2 and not getattr(args, "depths", None):
         parser.error(f"argument --widths: need at least two distinct widths, got {args.widths}")
     if args.model == "transformer" and args.widths is not None:
         bad = [w for w in args.widths if w % N_HEADS]  # user models are checked by building them
@@ -308,6 +331,25 @@ def _check_widths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     too_late = [s for s in getattr(args, "eval_steps", None) or () if s > args.steps]
     if too_late:
         parser.error(f"argument --eval-steps: steps must not exceed --steps {args.steps}, got {too_late}")
+
+
+def _check_depths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Fill in the default model (the Transformer with ``--depths``, else the MLP) and check the depth flags."""
+    depths = getattr(args, "depths", None)
+    if args.model is None:
+        args.model = "mlp" if depths is None else "transformer"
+    if depths is None:
+        given = [flag for flag in ("depth_alpha", "base_depth") if getattr(args, flag, None) is not None]
+        if given:
+            parser.error(f"argument --{given[0].replace('_', '-')}: only with --depths")
+        return
+    if args.model != "transformer":
+        parser.error(f"argument --depths: needs --model transformer (the only example model with residual "
+                     f"blocks), got --model {args.model}")
+    if len(set(depths)) < 2:
+        parser.error(f"argument --depths: need at least two distinct depths, got {depths}")
+    if getattr(args, "wds", None):
+        parser.error("argument --wds: not with --depths (sweep the learning rate alone across depth)")
 
 
 def _first_sentence(error: BaseException) -> str:
@@ -458,13 +500,14 @@ def run_check(args: argparse.Namespace) -> int:
 
     An example model runs in SP and in muP; the user's model (``--model module:function``) in
     muP. With ``--horizon N`` the run trains N steps, records log-spaced steps and judges each
-    module over time.
+    module over time. With ``--depths`` the Transformer runs across depth, depth-unaware muP
+    against the ``--depth-alpha`` rule, judged against log2(depth).
 
     Args:
         args: namespace from the check parser.
 
     Returns:
-        Exit status: 0 if the muP run passes, 1 if it fails.
+        Exit status: 0 if the muP run (across depth: the depth-aware run) passes, 1 if it fails.
 
     Raises:
         UsageError: if the run runs out of memory, the user's model cannot be used, or an output
@@ -473,10 +516,26 @@ def run_check(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     steps = args.horizon or args.steps or experiments.DEFAULT_STEPS[args.optimizer]
     record_steps = custom.log_spaced_steps(args.horizon) if args.horizon else None
+    axis, judged_label, names, prefix = "width", "mup", {"sp": "SP", "mup": "muP"}, "coord_check"
     if is_user_model(args):
         frame, judged, spec = _record_user_model(args)
         label, name = spec.label, custom.file_label(args.model)
         lr = DEFAULT_LRS[args.optimizer] if args.lr is None else args.lr
+    elif args.depths:
+        alpha = 1.0 if args.depth_alpha is None else args.depth_alpha
+        axis, judged_label, names, prefix = "depth", experiments.depth_label(alpha), _DEPTH_NAMES, "depth_coord_check"
+        with _out_of_memory_as_usage_error(args, experiments.DEFAULT_DEPTH_WIDTHS):
+            frame = experiments.run_depth_check(
+                model=args.model, optimizer=args.optimizer, depths=args.depths, widths=args.widths,
+                base_depth=args.base_depth, depth_alpha=alpha, steps=steps, seeds=args.seeds,
+                sequences=_SEQUENCES[args.sequence], lr=args.lr, batches=args.batches,
+                statistics=(args.statistic,), device=args.device, progress=True, record_steps=record_steps,
+            )
+        judged = verdict.judge(frame, statistic=args.statistic, over_time=bool(args.horizon), axis="depth")
+        base_depth = min(args.depths) if args.base_depth is None else args.base_depth
+        label = f"{args.model}, width {' '.join(map(str, sorted(frame['width'].unique())))}, base depth {base_depth}"
+        name = args.model
+        lr = args.lr if args.lr is not None else experiments.default_lr(args.model, args.optimizer)
     else:
         with _out_of_memory_as_usage_error(args, experiments.DEFAULT_WIDTHS[args.model]):
             frame = experiments.run_coord_check(
@@ -497,29 +556,28 @@ def run_check(args: argparse.Namespace) -> int:
         label, name = args.model, args.model
         lr = args.lr if args.lr is not None else experiments.default_lr(args.model, args.optimizer)
     out = Path(args.out)
-    stem = f"coord_check_{name}_{args.optimizer}"
+    stem = f"{prefix}_{name}_{args.optimizer}"
     written = [f"{stem}.csv", f"{stem}_verdict.csv", f"{stem}.png"]
     _write_whole(out / f"{stem}.csv", lambda path: frame.to_csv(path, index=False))
     _write_whole(out / f"{stem}_verdict.csv", lambda path: judged.table.to_csv(path, index=False))
-    verdicts = ", ".join(f"{'SP' if p == 'sp' else 'muP'} {judged.headline(p)}"
-                         for p in judged.table["parametrization"].unique())
+    verdicts = ", ".join(f"{names.get(p, p)} {judged.headline(p)}" for p in judged.table["parametrization"].unique())
     title = (f"{label}, {args.optimizer} schedule-free, base-width lr {lr:g}: "
-             f"mean {args.statistic} of module outputs vs width ({verdicts})")
-    figure = plots.plot_coords(frame, statistic=args.statistic, title=title)
+             f"mean {args.statistic} of module outputs vs {axis} ({verdicts})")
+    figure = plots.plot_coords(frame, statistic=args.statistic, title=title, axis=axis)
     _write_whole(out / f"{stem}.png", lambda path: plots.save_figure(figure, path))
     if args.horizon:
         written += [f"{stem}_over_time.csv", f"{stem}_over_time.png"]
         behaviour = judged.behaviour()
         _write_whole(out / written[-2], lambda path: behaviour.to_csv(path, index=False))
         over_time = plots.plot_over_time(
-            judged.table, judged.thresholds.fail_slope,
-            title=f"{label}, {args.optimizer} schedule-free, {args.horizon} steps: width slope of "
+            judged.table, judged.thresholds.fail_slope, axis=axis,
+            title=f"{label}, {args.optimizer} schedule-free, {args.horizon} steps: {axis} slope of "
                   f"each module over time ({verdicts})")
         _write_whole(out / written[-1], lambda path: plots.save_figure(over_time, path))
     print(judged.format())
     print(f"\nwrote {', '.join(written[:-1])} and {written[-1]} to {out.resolve()}/ "
           f"in {time.perf_counter() - start:.1f} s")
-    return 0 if judged.passed("mup") else 1
+    return 0 if judged.passed(judged_label) else 1
 
 
 def _user_sweep(args: argparse.Namespace):
@@ -542,7 +600,9 @@ def run_transfer(args: argparse.Namespace) -> int:
     """Run the learning-rate transfer sweep described by parsed arguments.
 
     With ``--eval-steps`` the runs are also evaluated at those step counts (anytime transfer): the
-    optimum and its drift are reported per horizon and drawn against the steps.
+    optimum and its drift are reported per horizon and drawn against the steps. With ``--depths``
+    the Transformer is swept across depth (depth-unaware muP against the ``--depth-alpha`` rule)
+    and the drift is across depths.
 
     Args:
         args: namespace from the transfer parser.
@@ -556,9 +616,20 @@ def run_transfer(args: argparse.Namespace) -> int:
     """
     start = time.perf_counter()
     keys = ["parametrization", "step"]
+    axis, prefix = ("depth", "depth_transfer") if args.depths else ("width", "transfer")
     with _out_of_memory_as_usage_error(args, args.widths or experiments.TRANSFER_WIDTHS.get(args.model, ())):
         if is_user_model(args):
             sweep, label = _user_sweep(args)
+        elif args.depths:
+            alpha = 1.0 if args.depth_alpha is None else args.depth_alpha
+            sweep = experiments.run_depth_transfer(
+                model=args.model, optimizer=args.optimizer, depths=args.depths, widths=args.widths,
+                base_depth=args.base_depth, depth_alpha=alpha, lrs=args.lrs, seeds=args.seeds, steps=args.steps,
+                device=args.device, progress=True, eval_steps=args.eval_steps,
+            )
+            base_depth = min(args.depths) if args.base_depth is None else args.base_depth
+            widths = " ".join(map(str, sorted(sweep["width"].unique())))
+            label = f"{args.model}, width {widths}, base depth {base_depth}"
         else:
             label = args.model
             sweep = experiments.run_transfer(
@@ -573,42 +644,45 @@ def run_transfer(args: argparse.Namespace) -> int:
                 eval_steps=args.eval_steps,
                 weight_decays=args.wds,
             )
-    mean_loss = sweep.groupby([*keys, "width", "lr"])["eval_loss"].mean()
-    finite = np.isfinite(mean_loss).groupby(level=[*keys, "width"]).any()
+    points = ["width", *(["depth"] if args.depths else [])]
+    mean_loss = sweep.groupby([*keys, *points, "lr"])["eval_loss"].mean()
+    finite = np.isfinite(mean_loss).groupby(level=[*keys, *points]).any()
     if not finite.all():
-        lost = ", ".join(f"{param} width {width} at step {step}" for param, step, width in finite.index[~finite])
+        lost = ", ".join(f"{param} " + " ".join(f"{point} {value}" for point, value in zip(points, at))
+                         + f" at step {step}" for param, step, *at in finite.index[~finite])
         raise UsageError(f"argument --lrs: every learning rate diverged ({lost}); try smaller ones")
     if args.wds:
         return _report_lr_wd(args, sweep, label, start)
     every = transfer.fit_optima(sweep, by=keys)
-    drifts = transfer.optimum_drift(every, by=keys)
+    drifts = transfer.optimum_drift(every, by=keys, axis=axis)
     optima = every[every["step"] == args.steps].drop(columns="step")
     drift = drifts[drifts["step"] == args.steps].drop(columns="step")
     out = Path(args.out)
-    stem = f"transfer_{custom.file_label(args.model) if is_user_model(args) else args.model}_{args.optimizer}"
+    stem = f"{prefix}_{custom.file_label(args.model) if is_user_model(args) else args.model}_{args.optimizer}"
     written = [f"{stem}.csv", f"{stem}_optima.csv", f"{stem}.png"]
     _write_whole(out / f"{stem}.csv", lambda path: sweep.to_csv(path, index=False))
     _write_whole(out / f"{stem}_optima.csv", lambda path: (every if args.eval_steps else optima).to_csv(path, index=False))
     title = (f"{label}, {args.optimizer} schedule-free, {args.steps} steps: held-out loss at x "
              f"(stars: fitted optima)")
-    figure = plots.plot_transfer(sweep[sweep["step"] == args.steps], optima, title=title)
+    figure = plots.plot_transfer(sweep[sweep["step"] == args.steps], optima, title=title, axis=axis)
     _write_whole(out / f"{stem}.png", lambda path: plots.save_figure(figure, path))
     fmt = {"grid_lr": "{:.3g}".format, "lr_opt": "{:.3g}".format, "log2_lr_opt": "{:.2f}".format,
            "best_loss": "{:.3f}".format, "drift_octaves": "{:.2f}".format, "trend": "{:.2f}".format}
-    print("Optimal learning rate per width (parabola vertex in log2 lr around the grid minimum):")
+    print(f"Optimal learning rate per {axis} (parabola vertex in log2 lr around the grid minimum):")
     print(optima.to_string(index=False, formatters=fmt))
-    print("\nDrift of the optimum across widths (octaves = factors of 2; trend = slope of log2 "
-          "lr_opt vs log2 width):")
+    print(f"\nDrift of the optimum across {axis}s (octaves = factors of 2; trend = slope of log2 "
+          f"lr_opt vs log2 {axis}):")
     print(drift.to_string(index=False, formatters=fmt))
     if args.eval_steps:
         written.append(f"{stem}_anytime.png")
         anytime = plots.plot_anytime(every, title=f"{label}, {args.optimizer} schedule-free: optimal lr "
-                                                  "against training steps, evaluated at x in the same runs")
+                                                  "against training steps, evaluated at x in the same runs", axis=axis)
         _write_whole(out / written[-1], lambda path: plots.save_figure(anytime, path))
-        table = every.pivot_table(index=["parametrization", "step"], columns="width", values="lr_opt",
-                                  sort=False)
-        table.columns = [f"lr_opt w{w}" for w in table.columns]
-        table = table.join(drifts.set_index(keys)[["drift_octaves", "trend"]]).reset_index()
+        rows = plots.at_largest_other(every, axis)[0]
+        table = rows.pivot_table(index=["parametrization", "step"], columns=axis, values="lr_opt", sort=False)
+        table.columns = [f"lr_opt {axis[0]}{w}" for w in table.columns]
+        drift_rows = plots.at_largest_other(drifts, axis)[0]
+        table = table.join(drift_rows.set_index(keys)[["drift_octaves", "trend"]]).reset_index()
         print("\nAnytime: the optimum per horizon, from the same runs evaluated at x after each step count:")
         print(table.to_string(index=False, float_format=lambda v: f"{v:.3g}"))
     print(f"\nwrote {', '.join(written[:-1])} and {written[-1]} to {out.resolve()}/ "
@@ -788,6 +862,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser = parsers[command]
         args = parser.parse_args(argv)
         if command != "study":
+            _check_depths(parser, args)
             _check_widths(parser, args)
         _check_device(parser, args.device)
         _check_out(parser, args.out)

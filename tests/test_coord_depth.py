@@ -26,10 +26,19 @@ import torch
 
 import mup_schedulefree as msf
 from coord_checks import experiments, plots, transfer, verdict
+from coord_checks.cli import PROG, main
 from coord_checks.recording import COLUMNS, DEPTH_COLUMNS, record_coords
 
 #: The tiny contrast check (see the module docstring).
 TINY_CHECK = {"depths": (2, 8), "widths": (32,), "steps": 4, "seeds": (0,), "batch_size": 8}
+
+
+@pytest.fixture
+def restore_threads():
+    """``main`` sets torch's intra-op threads; give the test process its own count back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
 
 
 def synthetic_frame(exponent: float, depths=(2, 4, 8, 16), widths=(64,)) -> pd.DataFrame:
@@ -165,3 +174,51 @@ def test_depth_check_passes_with_depth_scaling_and_fails_without(alpha):
     assert (aware["slope"].abs() < judged.thresholds.pass_slope).all(), aware
     assert (plain["slope"] > judged.thresholds.fail_slope).all(), plain
     assert judged.passed(experiments.depth_label(alpha)) and not judged.passed("mup")
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--depths", "4"], "argument --depths: need at least two distinct depths, got [4]"),
+    (["--depths", "2", "0"], "argument --depths: expected a positive integer, got 0"),
+    (["--depths", "2", "4", "--model", "mlp"], "argument --depths: needs --model transformer"),
+    (["--depths", "2", "4", "--depth-alpha", "0.7"], "argument --depth-alpha: expected 1 (CompleteP) or 0.5"),
+    (["--depth-alpha", "1"], "argument --depth-alpha: only with --depths"),
+    (["--base-depth", "2"], "argument --base-depth: only with --depths"),
+    (["--depths", "2", "4", "--base-depth", "0"], "argument --base-depth: expected a positive integer, got 0"),
+    (["--depths", "2", "4", "--widths", "30"], "argument --widths: transformer widths must be multiples of 4"),
+    (["transfer", "--depths", "2", "4", "--wds", "0.1"], "argument --wds: not with --depths"),
+    (["transfer", "--depths", "2"], "argument --depths: need at least two distinct depths"),
+])
+def test_bad_depth_flags_give_one_error_line_naming_the_flag(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith(PROG) and message in lines[0], lines
+
+
+def test_cli_depth_check_writes_a_depth_frame_and_exits_with_the_depth_aware_verdict(
+        tmp_path, capsys, restore_threads):
+    status = main(["--depths", "2", "8", "--widths", "32", "--steps", "4", "--seeds", "0", "--out",
+                   str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert status == 0
+    assert "Depth coordinate check verdict: mup FAIL, completep PASS" in printed
+    frame = pd.read_csv(tmp_path / "depth_coord_check_transformer_adamw.csv")
+    assert list(frame.columns) == list(DEPTH_COLUMNS) and set(frame["depth"]) == {2, 8}
+    table = pd.read_csv(tmp_path / "depth_coord_check_transformer_adamw_verdict.csv")
+    assert "n_depths" in table.columns
+    assert (tmp_path / "depth_coord_check_transformer_adamw.png").stat().st_size > 0
+
+
+def test_cli_depth_transfer_writes_optima_per_depth_and_the_drift_across_depths(
+        tmp_path, capsys, restore_threads):
+    status = main(["transfer", "--depths", "1", "2", "--widths", "16", "--depth-alpha", "0.5", "--steps", "3",
+                   "--lrs", "0.003", "0.01", "0.03", "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert status == 0 and "Drift of the optimum across depths" in printed
+    sweep = pd.read_csv(tmp_path / "depth_transfer_transformer_adamw.csv")
+    assert set(sweep["parametrization"]) == {"mup", "depth-mup"} and set(sweep["depth"]) == {1, 2}
+    assert len(sweep) == 2 * 2 * 3  # parametrizations x depths x lrs
+    optima = pd.read_csv(tmp_path / "depth_transfer_transformer_adamw_optima.csv")
+    assert sorted(optima["depth"]) == [1, 1, 2, 2]
+    assert (tmp_path / "depth_transfer_transformer_adamw.png").stat().st_size > 0
