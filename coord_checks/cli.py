@@ -124,6 +124,9 @@ def _add_common(parser: argparse.ArgumentParser, models: Sequence[str], seeds: S
                         help="model widths, at least two distinct (default: per model)")
     parser.add_argument("--seeds", type=_seed, nargs="+", metavar="S", default=list(seeds),
                         help=f"initialisation seeds (default: {' '.join(map(str, seeds))})")
+    parser.add_argument("--zero-init", action="store_true",
+                        help="example models: start muP's readout and query at zero, as mup's examples do, so "
+                             "that every output is updates alone (default: PyTorch's init)")
     parser.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
                         help=f"output folder (default: ./{DEFAULT_OUT})")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
@@ -306,6 +309,9 @@ def _check_widths(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     if is_user_model(args):
         if args.widths is None:
             parser.error("argument --widths: required with --model module:function")
+        if args.zero_init:
+            parser.error("argument --zero-init: only with the example models (initialise your own model as "
+                         "you train it)")
     else:
         given = [flag for flag, default in _USER_FLAGS.items() if getattr(args, flag) != default]
         if given:
@@ -530,6 +536,7 @@ def run_check(args: argparse.Namespace) -> int:
                 base_depth=args.base_depth, depth_alpha=alpha, steps=steps, seeds=args.seeds,
                 sequences=_SEQUENCES[args.sequence], lr=args.lr, batches=args.batches,
                 statistics=(args.statistic,), device=args.device, progress=True, record_steps=record_steps,
+                zero_init=args.zero_init,
             )
         judged = verdict.judge(frame, statistic=args.statistic, over_time=bool(args.horizon), axis="depth")
         base_depth = min(args.depths) if args.base_depth is None else args.base_depth
@@ -551,6 +558,7 @@ def run_check(args: argparse.Namespace) -> int:
                 device=args.device,
                 progress=True,
                 record_steps=record_steps,
+                zero_init=args.zero_init,
             )
         judged = verdict.judge(frame, statistic=args.statistic, over_time=bool(args.horizon))
         label, name = args.model, args.model
@@ -625,7 +633,7 @@ def run_transfer(args: argparse.Namespace) -> int:
             sweep = experiments.run_depth_transfer(
                 model=args.model, optimizer=args.optimizer, depths=args.depths, widths=args.widths,
                 base_depth=args.base_depth, depth_alpha=alpha, lrs=args.lrs, seeds=args.seeds, steps=args.steps,
-                device=args.device, progress=True, eval_steps=args.eval_steps,
+                device=args.device, progress=True, eval_steps=args.eval_steps, zero_init=args.zero_init,
             )
             base_depth = min(args.depths) if args.base_depth is None else args.base_depth
             widths = " ".join(map(str, sorted(sweep["width"].unique())))
@@ -643,6 +651,7 @@ def run_transfer(args: argparse.Namespace) -> int:
                 progress=True,
                 eval_steps=args.eval_steps,
                 weight_decays=args.wds,
+                zero_init=args.zero_init,
             )
     points = ["width", *(["depth"] if args.depths else [])]
     mean_loss = sweep.groupby([*keys, *points, "lr"])["eval_loss"].mean()
@@ -720,7 +729,8 @@ def _diagnosis_inputs(args: argparse.Namespace) -> tuple:
         spec = prepare_user_model(args)
         return (spec.factory, spec.readout, load_user_batches(args, args.steps, "train"),
                 load_user_batches(args, 4, "eval"), user_loss(args), spec.label)
-    task = experiments.make_task(args.model, n_batches=args.steps, n_eval_batches=4, eval_batch_size=256)
+    task = experiments.make_task(args.model, n_batches=args.steps, n_eval_batches=4, eval_batch_size=256,
+                                 zero_init=args.zero_init)
     return (lambda width: task.build(width, "mup"), None, task.train_batches, task.eval_batches,
             experiments.cross_entropy, args.model)
 

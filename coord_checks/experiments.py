@@ -145,12 +145,18 @@ class Task:
         train_batches: training batches (cycled by the loops).
         eval_batches: held-out batches.
         model_kwargs: arguments for ``coord_checks.models.build_model``.
+        zero_init: build muP's readout and query initialised to zero (``build_model``'s
+            ``zero_init=True``, as mup's examples do); SP models are unaffected.
     """
 
     model: str
     train_batches: list[data.Batch]
     eval_batches: list[data.Batch]
     model_kwargs: dict[str, Any] = field(default_factory=dict)
+    zero_init: bool = False
+
+    def _kwargs(self, parametrization: str) -> dict[str, Any]:
+        return {**self.model_kwargs, **({"zero_init": True} if self.zero_init and parametrization == "mup" else {})}
 
     def build(self, width: int, parametrization: str) -> nn.Module:
         """The example model at ``width`` with base shapes set.
@@ -162,7 +168,7 @@ class Task:
         Returns:
             The model (see ``coord_checks.models.build_model``).
         """
-        return build_model(self.model, width, parametrization, **self.model_kwargs)
+        return build_model(self.model, width, parametrization, **self._kwargs(parametrization))
 
     def build_deep(self, width: int, depth: int, parametrization: str, base_depth: int) -> nn.Module:
         """The example Transformer at ``width`` with ``depth`` blocks, in a depth parametrization.
@@ -180,7 +186,7 @@ class Task:
         Returns:
             The model.
         """
-        model = build_model(self.model, width, "mup", **{**self.model_kwargs, "n_layers": depth})
+        model = build_model(self.model, width, "mup", **{**self._kwargs("mup"), "n_layers": depth})
         add_residual_probe(model)
         alpha = depth_alpha_of(parametrization)
         if alpha is not None:
@@ -195,6 +201,7 @@ def make_task(
     n_eval_batches: int = 1,
     eval_batch_size: int | None = None,
     seed: int = 0,
+    zero_init: bool = False,
 ) -> Task:
     """Build the data for an example model.
 
@@ -205,14 +212,17 @@ def make_task(
         n_eval_batches: held-out batches (from the last tenth of the text for the text tasks).
         eval_batch_size: examples per held-out batch (default ``batch_size``).
         seed: seed of the batch positions / images.
+        zero_init: start muP's readout (and the Transformer's query projections) at zero.
 
     Returns:
         A ``Task``.
 
     Raises:
-        ValueError: for an unknown model or non-positive sizes.
+        ValueError: for an unknown model or non-positive sizes, or a ``zero_init`` that is not a bool.
     """
     check_model_name(model)
+    if not isinstance(zero_init, bool):
+        raise ValueError(f"zero_init must be a bool, got {zero_init!r}")
     batch_size = DEFAULT_BATCH_SIZES[model] if batch_size is None else batch_size
     eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
     if model == "cnn":
@@ -222,6 +232,7 @@ def make_task(
             images(batch_size=batch_size, n_batches=n_batches, seed=seed, **_IMAGE),
             images(batch_size=eval_batch_size, n_batches=n_eval_batches, seed=seed + 1, **_IMAGE),
             {"in_channels": _IMAGE["channels"], "n_classes": _IMAGE["n_classes"]},
+            zero_init,
         )
     train_tokens, held_out_tokens = _corpus_splits()
     if model == "mlp":
@@ -235,6 +246,7 @@ def make_task(
         make(train_tokens, length, batch_size, n_batches, seed),
         make(held_out_tokens, length, eval_batch_size, n_eval_batches, seed),
         kwargs,
+        zero_init,
     )
 
 
@@ -388,6 +400,7 @@ def run_coord_check(
     parametrizations: Sequence[str] = ("sp", "mup"),
     device: str | torch.device = "cpu",
     progress: bool = False,
+    zero_init: bool = False,
     record_steps: Sequence[int] | None = None,
 ) -> pd.DataFrame:
     """Coordinate check of a named optimizer on an example model, in SP and in muP.
@@ -406,6 +419,7 @@ def run_coord_check(
         parametrizations: which of ``"sp"`` and ``"mup"`` to run.
         device: where to train.
         progress: show tqdm progress bars.
+        zero_init: start muP's readout and query at zero (see ``make_task``).
         record_steps: the steps to record (default every step; see ``record_coords``).
 
     Returns:
@@ -422,7 +436,7 @@ def run_coord_check(
     widths = DEFAULT_WIDTHS[model] if widths is None else widths
     steps = DEFAULT_STEPS[optimizer] if steps is None else steps
     lr = default_lr(model, optimizer) if lr is None else lr
-    task = make_task(model, n_batches=1 if batches == "fixed" else steps, batch_size=batch_size)
+    task = make_task(model, n_batches=1 if batches == "fixed" else steps, batch_size=batch_size, zero_init=zero_init)
     frames = [
         record_coords(
             model_factory=lambda w, p=parametrization: task.build(w, p),
@@ -457,6 +471,7 @@ def run_transfer(
     parametrizations: Sequence[str] = ("sp", "mup"),
     device: str | torch.device = "cpu",
     progress: bool = False,
+    zero_init: bool = False,
     eval_steps: Sequence[int] | None = None,
     weight_decays: Sequence[float] | None = None,
 ) -> pd.DataFrame:
@@ -478,6 +493,7 @@ def run_transfer(
         parametrizations: which of ``"sp"`` and ``"mup"`` to sweep.
         device: where to train.
         progress: show tqdm progress bars.
+        zero_init: start muP's readout and query at zero (see ``make_task``).
         eval_steps: also evaluate every run at these step counts (an anytime sweep).
         weight_decays: also sweep these weight decays (a 2-D grid; see
             ``coord_checks.transfer.fit_joint_optima``).
@@ -502,6 +518,7 @@ def run_transfer(
         batch_size=batch_size,
         n_eval_batches=n_eval_batches,
         eval_batch_size=eval_batch_size,
+        zero_init=zero_init,
     )
     frames = [
         sweep_learning_rates(
@@ -544,6 +561,7 @@ def run_depth_check(
     parametrizations: Sequence[str] | None = None,
     device: str | torch.device = "cpu",
     progress: bool = False,
+    zero_init: bool = False,
     record_steps: Sequence[int] | None = None,
 ) -> pd.DataFrame:
     """Coordinate check across depth: depth-unaware muP against CompleteP (or depth-muP).
@@ -568,6 +586,7 @@ def run_depth_check(
         parametrizations: of ``DEPTH_PARAMETRIZATIONS`` (default ``"mup"`` and ``depth_alpha``'s).
         device: where to train.
         progress: show tqdm progress bars.
+        zero_init: start muP's readout and query at zero (see ``make_task``).
         record_steps: the steps to record (default every step).
 
     Returns:
@@ -584,7 +603,7 @@ def run_depth_check(
         raise ValueError(f"batches must be one of {BATCH_MODES}, got {batches!r}")
     steps = DEFAULT_STEPS[optimizer] if steps is None else steps
     lr = default_lr(model, optimizer) if lr is None else lr
-    task = make_task(model, n_batches=1 if batches == "fixed" else steps, batch_size=batch_size)
+    task = make_task(model, n_batches=1 if batches == "fixed" else steps, batch_size=batch_size, zero_init=zero_init)
     frames = [
         record_coords(
             model_factory=lambda w, d, p=parametrization: task.build_deep(w, d, p, base_depth),
@@ -614,6 +633,7 @@ def run_depth_transfer(
     parametrizations: Sequence[str] | None = None,
     device: str | torch.device = "cpu",
     progress: bool = False,
+    zero_init: bool = False,
     eval_steps: Sequence[int] | None = None,
 ) -> pd.DataFrame:
     """Learning-rate sweep across depth: depth-unaware muP against CompleteP (or depth-muP).
@@ -637,6 +657,7 @@ def run_depth_transfer(
         parametrizations: of ``DEPTH_PARAMETRIZATIONS`` (default ``"mup"`` and ``depth_alpha``'s).
         device: where to train.
         progress: show tqdm progress bars.
+        zero_init: start muP's readout and query at zero (see ``make_task``).
         eval_steps: also evaluate every run at these step counts.
 
     Returns:
@@ -651,7 +672,7 @@ def run_depth_transfer(
     check_optimizer_name(optimizer)
     lrs = default_lr_grid(model, optimizer) if lrs is None else lrs
     task = make_task(model, n_batches=steps, batch_size=batch_size, n_eval_batches=n_eval_batches,
-                     eval_batch_size=eval_batch_size)
+                     eval_batch_size=eval_batch_size, zero_init=zero_init)
     frames = [
         sweep_learning_rates(
             model_factory=lambda w, d, p=parametrization: task.build_deep(w, d, p, base_depth),

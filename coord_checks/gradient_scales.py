@@ -34,9 +34,8 @@ import argparse
 import math
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import matplotlib
 import numpy as np
@@ -50,8 +49,7 @@ from mup_schedulefree.scaling import eps_scaling
 
 from coord_checks import plots
 from coord_checks.diagnose import ROLES, parameter_roles
-from coord_checks.experiments import (DEFAULT_WIDTHS, TRANSFER_WIDTHS, Task, check_model_name, cross_entropy,
-                                      make_task)
+from coord_checks.experiments import DEFAULT_WIDTHS, TRANSFER_WIDTHS, check_model_name, cross_entropy, make_task
 from coord_checks.models import N_HEADS
 from coord_checks.recording import check_widths, record_coords, rng_devices
 from coord_checks.transfer import fit_optima, lr_grid, optimum_drift, sweep_learning_rates
@@ -78,12 +76,6 @@ SHRINK_BOUND = 0.25
 SHRINK_EXEMPT = r"attn\.(?:query|attn_logits)"
 
 
-def example_task(model: str, **kwargs: Any) -> Task:
-    """``coord_checks.experiments.make_task(model, **kwargs)`` with muP's readout and query initialised to zero."""
-    task = make_task(model, **kwargs)
-    return replace(task, model_kwargs={**task.model_kwargs, "zero_init": True})
-
-
 def _rms(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     total = sum(float(t.numel()) for t in tensors)
     return torch.sqrt(sum(t.detach().float().square().sum() for t in tensors) / total)
@@ -99,7 +91,7 @@ def record_gradient_scales(
 ) -> pd.DataFrame:
     """Train the example ``model`` in muP at each width and record gradient and sqrt(v) RMS per role.
 
-    Every step sees a new batch of the example task (``example_task``); the
+    Every step sees a new batch of the example task (``make_task(..., zero_init=True)``); the
     optimizer is ``MuAdamW_ScheduleFree(lr=lr)`` with its default eps (1e-8, far below every
     sqrt(v) here, so eps does not change the run). Step ``t`` is the ``t``-th gradient, taken at
     y after ``t - 1`` updates; ``sqrt_v`` is sqrt(v / (1 - beta2^t)) after the update that used
@@ -132,7 +124,7 @@ def record_gradient_scales(
     if not lr > 0:
         raise ValueError(f"lr must be positive, got {lr!r}")
     device = torch.device(device)
-    task = example_task(model, n_batches=steps)
+    task = make_task(model, n_batches=steps, zero_init=True)
     batches = [(x.to(device), y.to(device)) for x, y in task.train_batches]
     rows = []
     with torch.random.fork_rng(devices=rng_devices(device)):
@@ -171,7 +163,7 @@ def rule_exponents(model: str) -> dict[str, str]:
     Returns:
         ``{role: exponents}``, the distinct exponents of the role's parameters as text (e.g. ``"-1"``).
     """
-    net = example_task(model, n_batches=1).build(DEFAULT_WIDTHS[model][1], "mup")
+    net = make_task(model, n_batches=1, zero_init=True).build(DEFAULT_WIDTHS[model][1], "mup")
     params = dict(net.named_parameters())
     found: dict[str, set[int]] = {}
     for name, role in parameter_roles(net).items():
@@ -311,7 +303,7 @@ def eps_coord_check(
         ValueError: for an unknown model or bad widths, steps or seeds.
     """
     check_model_name(model)
-    task = example_task(model, n_batches=1)
+    task = make_task(model, n_batches=1, zero_init=True)
     return pd.concat([
         record_coords(model_factory=lambda w: task.build(w, "mup"),
                       optimizer_factory=eps_optimizer_factory(lr, eps, scaled),
@@ -374,7 +366,7 @@ def eps_transfer(
     """
     if model not in TRANSFER_WIDTHS:
         raise ValueError(f"model must be one of {tuple(TRANSFER_WIDTHS)}, got {model!r}")
-    task = example_task(model, n_batches=steps, batch_size=32, n_eval_batches=4, eval_batch_size=256)
+    task = make_task(model, n_batches=steps, batch_size=32, n_eval_batches=4, eval_batch_size=256, zero_init=True)
     lrs = lr_grid(TRANSFER_LR_CENTRE, octaves=4) if lrs is None else list(lrs)
     return pd.concat([
         sweep_learning_rates(model_factory=lambda w: task.build(w, "mup"),

@@ -146,18 +146,22 @@ class SmallCNN(nn.Module):
         in_channels: image channels.
         n_classes: outputs (logits).
         parametrization: ``"mup"`` or ``"sp"`` (see the module docstring).
+        zero_init: muP only: initialise the readout to zero (``True`` or ``"readout"``; the default
+            ``False`` and ``"query"`` leave it at PyTorch's init).
     """
 
     def __init__(
-        self, width: int, in_channels: int = 3, n_classes: int = 10, parametrization: str = "mup"
+        self, width: int, in_channels: int = 3, n_classes: int = 10, parametrization: str = "mup",
+        zero_init: bool | str = False,
     ) -> None:
         super().__init__()
         check_parametrization(parametrization)
+        _check_knobs(parametrization, zero_init)
         self.conv1 = nn.Conv2d(in_channels, width, 3, padding=1)
         self.bn1 = nn.BatchNorm2d(width)
         self.conv2 = nn.Conv2d(width, width, 3, padding=1, stride=2)
         self.bn2 = nn.BatchNorm2d(width)
-        self.readout = _readout(width, n_classes, parametrization)
+        self.readout = _readout(width, n_classes, parametrization, zero_init=_zeroed(zero_init, "readout"))
 
     def forward(self, x: Tensor) -> Tensor:
         """Class logits for a batch of images."""

@@ -142,9 +142,9 @@ class Variant:
     tune: tuple[str, ...] = ()
 
 
-def variants(zero_init: bool = False, split_zero_init: bool = False, tune_mults: Sequence[str] = (), tune_roles: bool = False,
-             betas: Sequence[float] = (), epsilons: Sequence[float] = (), scale_eps: bool = False,
-             on_zero_init: bool = False) -> list[Variant]:
+def variants(zero_init: bool = False, split_zero_init: bool = False, tune_mults: Sequence[str] = (),
+             tune_roles: bool = False, betas: Sequence[float] = (), epsilons: Sequence[float] = (),
+             scale_eps: bool = False, on_zero_init: bool = False) -> list[Variant]:
     """The plain muP variant and one more per ablation asked for.
 
     Args:

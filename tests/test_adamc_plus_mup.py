@@ -20,7 +20,6 @@ Oracles:
 from __future__ import annotations
 
 import copy
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -169,15 +168,10 @@ def test_a_state_dict_saved_with_the_same_polyak_loads(polyak):
 # ---------------------------------------------------------------- evidence: the step size and the coordinate check
 
 
-def zero_init(task):
-    """The task with muP's readout and query initialised to zero."""
-    return replace(task, model_kwargs={**task.model_kwargs, "zero_init": True})
-
-
 def polyak_lrs(polyak: str, widths: tuple[int, ...], step: int) -> list[float]:
     """The Polyak step size at ``step`` on the example Transformer (muP, readout and query at zero, seed 0,
     one fixed batch)."""
-    task = zero_init(make_task("transformer", n_batches=1))
+    task = make_task("transformer", n_batches=1, zero_init=True)
     x, y = task.train_batches[0]
     values = []
     for width in widths:
@@ -208,7 +202,7 @@ def test_the_polyak_step_size_is_width_independent_with_mup_weights_and_shrinks_
 def transformer_verdicts():
     """The coordinate check of both named optimizers under muP on the Transformer (readout and query at zero,
     so that every output is updates alone), widths 32 .. 128, 4 steps."""
-    task = zero_init(make_task("transformer", n_batches=1))
+    task = make_task("transformer", n_batches=1, zero_init=True)
     verdicts = {}
     for name in ("adamc-plus", "adamc-plus-naive"):
         frame = record_coords(lambda w: task.build(w, "mup"), optimizer_factory(name, "mup"), widths=[32, 64, 128],

@@ -39,6 +39,22 @@ def test_check_writes_png_and_csv_and_prints_the_verdict(tmp_path):
     assert (out / "coord_check_mlp_adamw.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_zero_init_starts_the_mup_readout_at_zero_and_leaves_sp_alone(tmp_path, restore_threads):
+    """The readout's output at step 1 (initialisation): exactly zero in muP with --zero-init, as the
+    zero-initialised MuReadout gives; SP's nn.Linear keeps PyTorch's init with or without the flag."""
+    def readout_at_init(*flags: str) -> pd.Series:
+        out = tmp_path / "-".join(flags or ("default",))
+        assert main(["--widths", "64", "128", "--steps", "2", "--seeds", "0", "--sequence", "y",
+                     *flags, "--out", str(out)]) == 0
+        frame = pd.read_csv(out / "coord_check_mlp_adamw.csv")
+        rows = frame[(frame["module"] == "readout") & (frame["step"] == 1)]
+        return rows.set_index(["parametrization", "width"])["value"].sort_index()
+
+    zeroed, default = readout_at_init("--zero-init"), readout_at_init()
+    assert (zeroed["mup"] == 0).all() and (default["mup"] > 0).all()
+    pd.testing.assert_series_equal(zeroed["sp"], default["sp"])
+
+
 def test_transfer_subcommand_writes_sweep_and_prints_drift(tmp_path):
     result = run_cli("transfer", "--widths", "32", "64", "--lrs", "0.005", "0.01", "0.02",
                      "--steps", "5", "--out", str(tmp_path), cwd=tmp_path)
@@ -67,7 +83,9 @@ def test_transfer_subcommand_writes_sweep_and_prints_drift(tmp_path):
      (["--device", "gpu0"], "argument --device: not a torch device"),
      (["--bogus"], "unrecognized arguments: --bogus"),
      (["transfer", "--model", "cnn"], "argument --model: invalid choice: 'cnn'"),
-     (["transfer", "--lrs", "0"], "argument --lrs: expected a positive number up to 1e+06, got 0")],
+     (["transfer", "--lrs", "0"], "argument --lrs: expected a positive number up to 1e+06, got 0"),
+     (["--model", "coord_user_models:make_model", "--widths", "32", "64", "--zero-init"],
+      "argument --zero-init: only with the example models")],
 )
 def test_bad_arguments_give_one_error_line_and_exit_status_2(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

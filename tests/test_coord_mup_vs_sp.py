@@ -16,12 +16,9 @@ zero query their first values come from gradients that are themselves o(1) in wi
 """
 from __future__ import annotations
 
-from dataclasses import replace
-
-import pandas as pd
 import pytest
 
-from coord_checks.experiments import cross_entropy, default_lr, make_task, run_coord_check
+from coord_checks.experiments import cross_entropy, make_task, run_coord_check
 from coord_checks.optimizers import optimizer_factory
 from coord_checks.recording import record_coords
 from coord_checks.verdict import judge
@@ -39,26 +36,13 @@ STARTS_SMALL = r"^readout$|attn\.attn_logits"
 ATTENTION = r"attn\.(?:query|attn_logits)"
 
 
-def zero_init_frame(model: str, optimizer: str, steps: int = 4, parametrizations=("sp", "mup")):
-    """``run_coord_check``'s frame with muP's readout and query initialised to zero."""
-    task = make_task(model, n_batches=1)
-    zeroed = replace(task, model_kwargs={**task.model_kwargs, "zero_init": True})
-    return pd.concat([record_coords(
-        model_factory=lambda w, p=parametrization: (zeroed if p == "mup" else task).build(w, p),
-        optimizer_factory=optimizer_factory(optimizer, parametrization, default_lr(model, optimizer)),
-        widths=SETTINGS[model]["widths"], batches=task.train_batches, loss_fn=cross_entropy, steps=steps,
-        seeds=(0, 1), parametrization=parametrization) for parametrization in parametrizations],
-        ignore_index=True)
-
-
 @pytest.fixture(scope="module")
 def verdicts():
     cache = {}
 
     def get(model: str, optimizer: str, zero_init: bool = False):
         if (model, optimizer, zero_init) not in cache:
-            frame = (zero_init_frame(model, optimizer) if zero_init
-                     else run_coord_check(model, optimizer, steps=4, seeds=(0, 1), **SETTINGS[model]))
+            frame = run_coord_check(model, optimizer, steps=4, seeds=(0, 1), zero_init=zero_init, **SETTINGS[model])
             cache[model, optimizer, zero_init] = judge(frame)
         return cache[model, optimizer, zero_init]
 
@@ -113,7 +97,7 @@ def test_standard_parametrization_fails_at_y_and_x(verdicts, model, optimizer):
 
 def test_mlp_mup_run_is_clean_with_adamw_and_zero_init():
     """On the MLP with AdamW-SF and a zero readout not even a warning: every judged muP row passes."""
-    verdict = judge(zero_init_frame("mlp", "adamw", parametrizations=("mup",)))
+    verdict = judge(run_coord_check("mlp", "adamw", steps=4, seeds=(0, 1), parametrizations=("mup",), zero_init=True))
     assert verdict.status() == "pass", verdict.format()
 
 
