@@ -5,7 +5,9 @@ DataFrame of per-module statistics at the schedule-free training point y and eva
 ``judge`` turns it into a pass/fail verdict; ``plot_coords`` draws it. ``sweep_learning_rates``,
 ``fit_optima`` and ``optimum_drift`` check that the best learning rate transfers across widths.
 ``run_coord_check`` and ``run_transfer`` do all of it for the example models, ``check_model`` for
-your own (``coord_checks.custom``), and ``python -m coord_checks`` from the command line.
+your own (``coord_checks.custom``), and ``python -m coord_checks`` from the command line;
+``run_depth_check`` and ``run_depth_transfer`` do it across depth (the example Transformer,
+depth-unaware muP against CompleteP or depth-muP).
 ``coord_checks.diagnose.diagnose`` finds the parameter group whose learning rate fails to transfer.
 ``run_study`` (``coord_checks.study``) measures whether muP tuned at the base width matches standard
 parametrization tuned at every width.
@@ -19,6 +21,7 @@ from typing import Any
 # with one line even while torch and matplotlib are still loading.
 _HOMES = {
     "run_coord_check": "experiments", "run_transfer": "experiments",
+    "run_depth_check": "experiments", "run_depth_transfer": "experiments",
     "build_model": "models",
     "check_model": "custom", "prepare_model": "custom", "log_spaced_steps": "custom",
     "causal_lm_factory": "huggingface",
@@ -66,6 +69,8 @@ __all__ = [
     "causal_lm_factory",
     "run_coord_check",
     "run_transfer",
+    "run_depth_check",
+    "run_depth_transfer",
     "run_study",
     "plot_study",
 ]
