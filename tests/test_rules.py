@@ -19,28 +19,13 @@ from mup_schedulefree import kernels, native
 from mup_schedulefree import optimizers as forms
 from mup_schedulefree.optimizers import rules
 from mup_schedulefree.optimizers.base import SCHEDULE_DEFAULTS
+from published_schedule import published_ckp1s, published_rect, published_warmup
 
 STEPS = 40
 
 
 # ----------------------------------------------------------------------------- published formulas
-def published_warmup(k: int, warmup_steps: int) -> float:
-    """adamw_schedulefree.py: sched = (k+1) / warmup_steps if k < warmup_steps else 1.0."""
-    return (k + 1) / warmup_steps if k < warmup_steps else 1.0
-
-
-def published_rect(k: int, beta2: float, silent_sgd_phase: bool) -> tuple[float, bool]:
-    """radam_schedulefree.py: the rectification term and whether the step divides by the second moment."""
-    step = k + 1
-    beta2_t = beta2**step
-    bias_correction2 = 1 - beta2_t
-    rho_inf = 2 / (1 - beta2) - 1
-    rho_t = rho_inf - 2 * step * beta2_t / bias_correction2
-    if rho_t > 4.0:
-        return ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5, True
-    return float(not silent_sgd_phase), False
-
-
+# (warmup, rectification and ckp1 in published_schedule.py, shared with test_schedule.py)
 def published_lr(name: str, group: dict, k: int) -> tuple[float, bool]:
     """The scheduled lr of step k and whether it is adaptive, as each published class computes it."""
     if name == "RAdam":
@@ -50,17 +35,6 @@ def published_lr(name: str, group: dict, k: int) -> tuple[float, bool]:
     if name == "AdamW-paper":  # adamw_schedulefree_paper.py: lr * sched * sqrt(1 - beta2^(k+1))
         return group["lr"] * sched * math.sqrt(1 - group["betas"][1] ** (k + 1)), True
     return group["lr"] * sched, True
-
-
-def published_ckp1s(lrs: list[float], r: float, weight_lr_power: float) -> list[float]:
-    """lr_max = max(lr, lr_max); weight = (k+1)^r lr_max^p; ckp1 = weight / sum, 0 on ZeroDivisionError."""
-    lr_max, weight_sum, out = -1.0, 0.0, []
-    for k, lr in enumerate(lrs):
-        lr_max = max(lr, lr_max)
-        weight = ((k + 1) ** r) * (lr_max**weight_lr_power)
-        weight_sum = weight_sum + weight
-        out.append(weight / weight_sum if weight_sum else 0.0)
-    return out
 
 
 def new_group(rule: rules.Rule, **hyper) -> dict:
