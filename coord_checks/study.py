@@ -163,7 +163,8 @@ def variants(zero_init: bool = False, split_zero_init: bool = False, tune_mults:
         The variants, ``default`` (muP as the example models build it) first.
 
     Raises:
-        ValueError: for an unknown multiplier, or a beta outside [0, 1) or non-positive eps.
+        ValueError: for an unknown multiplier, a beta outside [0, 1), a non-positive eps, or
+            ``on_zero_init`` without an ablation to build on.
     """
     unknown = [m for m in tune_mults if m not in MULTIPLIERS]
     if unknown:
@@ -172,6 +173,9 @@ def variants(zero_init: bool = False, split_zero_init: bool = False, tune_mults:
         raise ValueError(f"betas must lie in [0, 1), got {list(betas)}")
     if any(not 0 < e < math.inf for e in epsilons):
         raise ValueError(f"epsilons must be positive, got {list(epsilons)}")
+    if on_zero_init and not (tune_mults or tune_roles or betas or epsilons or scale_eps):
+        raise ValueError("on_zero_init builds the multiplier, role, beta and eps ablations on a zero init: "
+                         "ask for one of them too")
     base, prefix = (Knobs(zero_init=True), "zero-init,") if on_zero_init else (Knobs(), "")
 
     def on_base(name: str, sp: Knobs = Knobs("sp"), tune: tuple[str, ...] = (), **mup: Any) -> Variant:

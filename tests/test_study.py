@@ -260,6 +260,7 @@ def test_the_study_command_writes_its_answer_on_a_tiny_case(tmp_path, capsys):
     (["--eval-steps", "9", "--steps", "4"], "--eval-steps"),
     (["--betas", "1.5"], "--betas"),
     (["--tune-mults", "readout"], "--tune-mults"),
+    (["--zero-init", "--on-zero-init"], "--on-zero-init"),
 ])
 def test_study_command_errors_are_one_line_naming_the_flag(tmp_path, capsys, argv, flag):
     with pytest.raises(SystemExit) as exit_:
