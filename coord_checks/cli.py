@@ -402,13 +402,18 @@ def _write_whole(path: Path, write: Callable[[str], object]) -> None:
 
 @contextmanager
 def _out_of_memory_as_usage_error(args: argparse.Namespace, default_widths: Sequence[int]) -> Iterator[None]:
-    """Turn running out of memory (host or device) into a ``UsageError`` naming ``--widths``."""
+    """Turn running out of memory (host or device) into a ``UsageError`` naming ``--widths`` (and
+    ``--depths`` in a run across depth)."""
     try:
         yield
     except (MemoryError, RuntimeError) as error:
         if isinstance(error, RuntimeError) and not _OUT_OF_MEMORY.search(str(error)):
             raise
         widest = max(args.widths or default_widths)
+        depths = getattr(args, "depths", None)
+        if depths:
+            raise UsageError(f"argument --depths: out of memory on {args.device!r} at width up to {widest} and "
+                             f"depth up to {max(depths)}; try fewer blocks or smaller --widths") from None
         raise UsageError(f"argument --widths: out of memory on {args.device!r} at width up to "
                          f"{widest}; try smaller widths") from None
 

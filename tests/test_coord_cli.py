@@ -210,6 +210,13 @@ def test_out_of_memory_is_an_error_naming_widths(tmp_path, capsys, restore_threa
     assert not os.listdir(tmp_path)
 
 
+def test_out_of_memory_across_depth_is_an_error_naming_depths_and_widths(tmp_path, capsys, restore_threads):
+    line = error_line(["--depths", "2", "4", "--widths", str(10**15), "--steps", "2", "--seeds", "0",
+                       "--out", str(tmp_path)], capsys)
+    assert "argument --depths: out of memory" in line and f"width up to {10**15} and depth up to 4" in line
+    assert not os.listdir(tmp_path)
+
+
 def test_transfer_where_every_lr_diverges_is_an_error_naming_lrs_and_nothing_else(tmp_path):
     out = tmp_path / "out"
     result = run_cli("transfer", "--optimizer", "sgd", "--widths", "8", "16", "--steps", "3",
