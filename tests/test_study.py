@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from pathlib import Path
 
-import mup
 import pandas as pd
 import pytest
 import torch
